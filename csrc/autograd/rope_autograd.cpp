@@ -1,0 +1,73 @@
+// Autograd for both ops. RoPE is a rotation, so the gradient of each op is the other op applied to
+// the incoming gradients: fused_qk's backward calls fused_qk_backward and fused_qk_backward's
+// backward calls fused_qk. Both go through the dispatcher, so the backward graph is itself
+// differentiable (double backward) and traceable by torch.compile.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace rope_kernels {
+namespace {
+
+using RotateSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                             const at::Tensor&, const at::Tensor&,
+                                                             const std::optional<at::Tensor>&);
+
+const c10::TypedOperatorHandle<RotateSignature>& rotate_op(bool inverse) {
+  static const auto forward = c10::Dispatcher::singleton()
+                                  .findSchemaOrThrow("rope::fused_qk", "")
+                                  .typed<RotateSignature>();
+  static const auto backward = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("rope::fused_qk_backward", "")
+                                   .typed<RotateSignature>();
+  return inverse ? backward : forward;
+}
+
+const char* op_name(bool inverse) {
+  return inverse ? "rope::fused_qk_backward" : "rope::fused_qk";
+}
+
+template <bool kInverse>
+struct RotateFunction : public torch::autograd::Function<RotateFunction<kInverse>> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
+                                                const at::Tensor& k, const at::Tensor& cos,
+                                                const at::Tensor& sin,
+                                                const std::optional<at::Tensor>& positions) {
+    // cos/sin are treated as constants; a silent zero gradient for them would be a wrong answer.
+    const bool table_needs_grad = at::GradMode::is_enabled() && (cos.requires_grad() || sin.requires_grad());
+    TORCH_CHECK(!table_needs_grad, op_name(kInverse),
+                ": gradients with respect to cos/sin are not supported; pass them detached "
+                "(cos.detach(), sin.detach())");
+    ctx->save_for_backward({cos, sin, positions.value_or(at::Tensor())});
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [q_out, k_out] = rotate_op(kInverse).call(q, k, cos, sin, positions);
+    return {q_out, k_out};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const std::optional<at::Tensor> positions =
+        saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
+    // grads are materialized (zeros) when a loss uses only one of the outputs.
+    auto [grad_q, grad_k] = rotate_op(!kInverse).call(grads[0], grads[1], saved[0], saved[1], positions);
+    return {grad_q, grad_k, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+template <bool kInverse>
+std::tuple<at::Tensor, at::Tensor> rotate_autograd(const at::Tensor& q, const at::Tensor& k,
+                                                   const at::Tensor& cos, const at::Tensor& sin,
+                                                   const std::optional<at::Tensor>& positions) {
+  const auto outputs = RotateFunction<kInverse>::apply(q, k, cos, sin, positions);
+  return {outputs[0], outputs[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rope, Autograd, m) {
+  m.impl("fused_qk", &rotate_autograd<false>);
+  m.impl("fused_qk_backward", &rotate_autograd<true>);
+}
+
+}  // namespace rope_kernels

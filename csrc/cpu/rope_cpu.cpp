@@ -1,0 +1,85 @@
+// CPU implementation: the reference semantics of the op, written with ATen operations.
+// It is what CI exercises; the CUDA kernels must agree with it.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "rope_inputs.h"
+
+namespace rope_kernels {
+namespace {
+
+// The cos/sin rows each token uses, in the compute dtype, shaped (B or 1, 1, S, D/2) to broadcast
+// over heads. A position outside the table gives NaN rows (the CUDA kernels do the same).
+std::tuple<at::Tensor, at::Tensor> gather_angles(const RopeInputs& in, at::ScalarType compute,
+                                                 bool inverse) {
+  const int64_t half = in.half_dim.expect_int();
+  const int64_t seq = in.q.size(2);
+  at::Tensor cos = in.cos.narrow(1, 0, half).to(compute);
+  at::Tensor sin = in.sin.narrow(1, 0, half).to(compute);
+  if (inverse) {
+    sin = sin.neg();
+  }
+  if (!in.positions.has_value()) {
+    return {cos.narrow(0, 0, seq).view({1, 1, seq, half}), sin.narrow(0, 0, seq).view({1, 1, seq, half})};
+  }
+  const at::Tensor pos = in.positions->to(at::kLong);
+  const at::Tensor valid = pos.ge(0).logical_and(pos.lt(cos.size(0)));
+  const at::Tensor rows = at::where(valid, pos, at::zeros_like(pos)).reshape({-1});
+  const at::Tensor invalid = valid.logical_not().unsqueeze(-1);
+  const auto nan = std::numeric_limits<double>::quiet_NaN();
+  const int64_t batch = pos.size(0);
+  at::Tensor cos_rows = cos.index_select(0, rows).view({batch, seq, half}).masked_fill(invalid, nan);
+  at::Tensor sin_rows = sin.index_select(0, rows).view({batch, seq, half}).masked_fill(invalid, nan);
+  return {cos_rows.unsqueeze(1), sin_rows.unsqueeze(1)};
+}
+
+void rotate_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                 at::ScalarType compute, int64_t half, at::Tensor& out) {
+  if (x.numel() == 0) {
+    return;
+  }
+  const at::Tensor x1 = x.narrow(-1, 0, half).to(compute);
+  const at::Tensor x2 = x.narrow(-1, half, half).to(compute);
+  out.narrow(-1, 0, half).copy_(x1 * cos - x2 * sin);
+  out.narrow(-1, half, half).copy_(x2 * cos + x1 * sin);
+}
+
+std::tuple<at::Tensor, at::Tensor> rotate_cpu(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                              const at::Tensor& cos, const at::Tensor& sin,
+                                              const std::optional<at::Tensor>& positions, bool inverse) {
+  const RopeInputs in = check_and_normalize(op, q, k, cos, sin, positions);
+  auto [q_out, k_out] = allocate_outputs(q, k);
+  // Math in float32 as on the GPU (float64 stays float64, for gradcheck).
+  const at::ScalarType compute = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t half = in.half_dim.expect_int();
+  if (q.numel() == 0 && k.numel() == 0) {
+    return {q_out, k_out};
+  }
+  const auto [cos_rows, sin_rows] = gather_angles(in, compute, inverse);
+  rotate_into(in.q, cos_rows, sin_rows, compute, half, q_out);
+  rotate_into(in.k, cos_rows, sin_rows, compute, half, k_out);
+  return {q_out, k_out};
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_qk_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& cos, const at::Tensor& sin,
+                                                const std::optional<at::Tensor>& positions) {
+  return rotate_cpu("rope::fused_qk", q, k, cos, sin, positions, /*inverse=*/false);
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_qk_backward_cpu(const at::Tensor& grad_q, const at::Tensor& grad_k,
+                                                         const at::Tensor& cos, const at::Tensor& sin,
+                                                         const std::optional<at::Tensor>& positions) {
+  return rotate_cpu("rope::fused_qk_backward", grad_q, grad_k, cos, sin, positions, /*inverse=*/true);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rope, CPU, m) {
+  m.impl("fused_qk", &fused_qk_cpu);
+  m.impl("fused_qk_backward", &fused_qk_backward_cpu);
+}
+
+}  // namespace rope_kernels

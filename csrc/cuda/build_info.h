@@ -1,0 +1,19 @@
+// What the CUDA side of this build contains, for rope_kernels.build_info(). Reads only the
+// generated kernel table: no driver, no GPU needed.
+#pragma once
+
+#include <string>
+
+namespace rope_kernels::cuda {
+
+// A JSON object:
+//   {"architectures": [80, 86, 89, 90],          built archs, 10 * major + minor
+//    "variants_per_architecture": 120,           kernels built for each arch (the smallest count
+//                                                if archs differ, see variants_by_architecture)
+//    "variants_by_architecture": {"80": 120, ...},
+//    "variant_slots": 144,                       size of the variant table per arch
+//    "kernels": 480,                             cubins built in total
+//    "triton": "3.8.0"}                          Triton version that compiled them
+std::string cuda_build_info_json();
+
+}  // namespace rope_kernels::cuda

@@ -1,0 +1,41 @@
+// The table of ahead-of-time compiled kernels: declared here, defined by the generated
+// rope_kernel_table.cpp (kernels/build_aot.py). Both sides index the variants with
+// variant_index(), and the generated file static_asserts every entry's position against it,
+// so a change of order on either side fails the build instead of launching the wrong cubin.
+#pragma once
+
+#include <cstddef>
+
+namespace rope_kernels::cuda {
+
+enum class QkDtype : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
+enum class TableDtype : int { kSameAsQk = 0, kFloat32 = 1 };
+enum class PosKind : int { kNone = 0, kInt32 = 1, kInt64 = 2 };
+constexpr int kNumBlockD2 = 4; constexpr int kBlockD2Values[kNumBlockD2] = {16, 32, 64, 128};
+constexpr int kNumVariants = 144;
+
+// Mixed-radix position of one specialization: qk dtype (3) x table dtype (2) x BLOCK_D2 (4)
+// x positions kind (3) x aligned (2). Plain arithmetic, so choosing a kernel costs no lookup.
+constexpr int variant_index(QkDtype qk, TableDtype table, int block_d2_index, PosKind pos, bool aligned) {
+  return ((((static_cast<int>(qk) * 2 + static_cast<int>(table)) * kNumBlockD2 + block_d2_index) * 3 +
+           static_cast<int>(pos)) * 2) + (aligned ? 1 : 0);
+}
+static_assert(variant_index(QkDtype::kFloat32, TableDtype::kFloat32, kNumBlockD2 - 1, PosKind::kInt64, true) ==
+                  kNumVariants - 1,
+              "kNumVariants must count every combination of variant_index");
+
+struct KernelImage {
+  const unsigned char* cubin;  // nullptr: this variant was not built
+  std::size_t cubin_size;
+  const char* function_name;   // Triton metadata.name
+  int num_warps;
+  int shared_bytes;            // metadata.shared
+  int num_trailing_null_params;// pointer params Triton appends (global/profile scratch): passed as null
+  int block_h;                 // for information
+};
+struct ArchKernels { int arch; const KernelImage* kernels; };  // arch = 10*major + minor; kNumVariants entries
+extern const ArchKernels kBuiltArchs[];
+extern const int kNumBuiltArchs;
+extern const char* const kTritonVersion;   // triton version the cubins were built with
+
+}  // namespace rope_kernels::cuda

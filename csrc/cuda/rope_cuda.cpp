@@ -1,0 +1,50 @@
+// The CUDA kernels of rope::fused_qk and rope::fused_qk_backward: validate, allocate, launch.
+// Backward is the same rotation with sin negated, so both ops share one path.
+#include "cuda/rope_launch.h"
+#include "rope_inputs.h"
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace rope_kernels::cuda {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> rotate_on_cuda(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                                  const at::Tensor& cos, const at::Tensor& sin,
+                                                  const std::optional<at::Tensor>& positions, int sin_sign) {
+  // Validation first: it also establishes that every tensor is on q's device, which the guard
+  // below relies on.
+  const RopeInputs in = check_and_normalize(op, q, k, cos, sin, positions);
+  check_supported_on_cuda(op, in);
+  // c10::DeviceGuard on a CUDA device is c10::cuda::CUDAGuard reached through the guard
+  // implementation torch registers; unlike CUDAGuard's inline code it references no CUDA runtime
+  // symbol, so this library needs neither c10_cuda nor cudart at link time.
+  const c10::DeviceGuard device_guard(in.q.device());
+  auto [q_out, k_out] = allocate_outputs(in.q, in.k);
+  launch_rope(op, in, q_out, k_out, sin_sign);
+  return {q_out, k_out};
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_qk_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                                 const at::Tensor& sin, const std::optional<at::Tensor>& positions) {
+  return rotate_on_cuda("rope::fused_qk", q, k, cos, sin, positions, +1);
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_qk_backward_cuda(const at::Tensor& grad_q_out, const at::Tensor& grad_k_out,
+                                                          const at::Tensor& cos, const at::Tensor& sin,
+                                                          const std::optional<at::Tensor>& positions) {
+  // The gradient of a rotation is the rotation by the opposite angle.
+  return rotate_on_cuda("rope::fused_qk_backward", grad_q_out, grad_k_out, cos, sin, positions, -1);
+}
+
+}  // namespace
+}  // namespace rope_kernels::cuda
+
+TORCH_LIBRARY_IMPL(rope, CUDA, m) {
+  m.impl("fused_qk", &rope_kernels::cuda::fused_qk_cuda);
+  m.impl("fused_qk_backward", &rope_kernels::cuda::fused_qk_backward_cuda);
+}

@@ -1,0 +1,324 @@
+#include "cuda/rope_launch.h"
+
+#include "cuda/driver_api.h"
+#include "cuda/module_cache.h"
+
+#include <c10/core/Stream.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <limits>
+
+namespace rope_kernels::cuda {
+namespace {
+
+constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+constexpr int64_t kMaxHalfDim = kBlockD2Values[kNumBlockD2 - 1];
+
+// rope_qk_kernel's launch parameters (contract order): 7 pointers, 6 int32, 16 int64.
+constexpr int kNumKernelParams = 29;
+// Triton 3.6..3.9 append two scratch pointers (global, profile); room for a couple more.
+constexpr int kMaxTrailingNullParams = 4;
+
+// One specialization of the kernel, chosen from the inputs by plain arithmetic.
+struct Variant {
+  QkDtype qk;
+  TableDtype table;
+  int block_d2_index;
+  PosKind pos;
+  bool aligned;
+
+  int index() const { return variant_index(qk, table, block_d2_index, pos, aligned); }
+};
+
+// The kernel's parameters as locals of the exact C types the cubin reads: CUdeviceptr for
+// pointers, int32_t for i32, int64_t for i64; their addresses make the launch's argument array.
+struct KernelArgs {
+  CUdeviceptr q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, pos_ptr;
+  int32_t seq_len, n_heads_q, n_heads_k, half_dim, table_rows, sin_sign;
+  int64_t q_stride_b, q_stride_h, q_stride_s;
+  int64_t k_stride_b, k_stride_h, k_stride_s;
+  int64_t q_out_stride_b, q_out_stride_h, q_out_stride_s;
+  int64_t k_out_stride_b, k_out_stride_h, k_out_stride_s;
+  int64_t cos_stride_row, sin_stride_row;
+  int64_t pos_stride_b, pos_stride_s;
+};
+static_assert(sizeof(KernelArgs) == 7 * sizeof(CUdeviceptr) + 6 * sizeof(int32_t) + 16 * sizeof(int64_t),
+              "KernelArgs must hold exactly the kernel's 29 parameters (update the argument array with it)");
+
+const char* dtype_name(QkDtype dtype) {
+  switch (dtype) {
+    case QkDtype::kFloat16:
+      return "float16";
+    case QkDtype::kBFloat16:
+      return "bfloat16";
+    case QkDtype::kFloat32:
+      return "float32";
+  }
+  return "?";
+}
+
+const char* positions_name(PosKind pos) {
+  switch (pos) {
+    case PosKind::kNone:
+      return "none";
+    case PosKind::kInt32:
+      return "int32";
+    case PosKind::kInt64:
+      return "int64";
+  }
+  return "?";
+}
+
+QkDtype qk_dtype_of(const char* op, at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf:
+      return QkDtype::kFloat16;
+    case at::kBFloat16:
+      return QkDtype::kBFloat16;
+    case at::kFloat:
+      return QkDtype::kFloat32;
+    default:
+      break;
+  }
+  TORCH_CHECK(false, op, ": q and k of dtype ", dtype,
+              " are not supported on CUDA (float16, bfloat16 and float32 are; float64 runs on the CPU)");
+  return QkDtype::kFloat32;  // not reached
+}
+
+// The table is read in q's dtype or in float32; for float32 q both are the same kernel.
+TableDtype table_dtype_of(const char* op, at::ScalarType table, at::ScalarType qk) {
+  if (table == qk) {
+    return TableDtype::kSameAsQk;
+  }
+  TORCH_CHECK(table == at::kFloat, op, ": cos and sin must be float32 or q's dtype (", qk, "); got ", table);
+  return TableDtype::kFloat32;
+}
+
+// The smallest BLOCK_D2 >= half_dim; half_dim <= kMaxHalfDim is checked before.
+int block_d2_index_of(int64_t half_dim) {
+  int index = 0;
+  while (index < kNumBlockD2 - 1 && kBlockD2Values[index] < half_dim) {
+    ++index;
+  }
+  return index;
+}
+
+PosKind positions_kind_of(const std::optional<at::Tensor>& positions) {
+  if (!positions.has_value()) {
+    return PosKind::kNone;
+  }
+  return positions->scalar_type() == at::kInt ? PosKind::kInt32 : PosKind::kInt64;
+}
+
+// A size-1 dimension is only ever indexed at 0, so its stride is irrelevant: passing 0 lets
+// views such as a single-head slice still qualify for the aligned variant, and the kernel gets
+// exactly the values the aligned variant's divisibility hints were checked against.
+int64_t kernel_stride(const at::Tensor& t, int64_t dim) {
+  return t.size(dim) == 1 ? 0 : t.stride(dim);
+}
+
+CUdeviceptr device_address(const at::Tensor& t) {
+  return static_cast<CUdeviceptr>(reinterpret_cast<std::uintptr_t>(t.data_ptr()));
+}
+
+int32_t as_int32(const char* op, const char* what, int64_t value) {
+  TORCH_CHECK(value >= 0 && value <= kInt32Max, op, ": ", what, " (", value,
+              ") does not fit the CUDA kernel's 32-bit parameter");
+  return static_cast<int32_t>(value);
+}
+
+// Every value the aligned variant hints with `:16` (16-byte aligned pointers except pos_ptr;
+// half_dim and every q/k/out/cos/sin stride divisible by 16). A hint that does not hold gives
+// wrong vector loads, so the aligned cubin is chosen only when all of them hold.
+bool alignment_hints_hold(const KernelArgs& a) {
+  const CUdeviceptr pointers[] = {a.q_ptr, a.k_ptr, a.q_out_ptr, a.k_out_ptr, a.cos_ptr, a.sin_ptr};
+  for (const CUdeviceptr p : pointers) {
+    if (p % 16 != 0) {
+      return false;
+    }
+  }
+  const int64_t multiples[] = {a.half_dim,       a.q_stride_b,     a.q_stride_h,     a.q_stride_s,
+                               a.k_stride_b,     a.k_stride_h,     a.k_stride_s,     a.q_out_stride_b,
+                               a.q_out_stride_h, a.q_out_stride_s, a.k_out_stride_b, a.k_out_stride_h,
+                               a.k_out_stride_s, a.cos_stride_row, a.sin_stride_row};
+  for (const int64_t v : multiples) {
+    if (v % 16 != 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// The kernel reads and writes the last dimension as contiguous; rope_inputs guarantees it for
+// the inputs and allocate_outputs for the outputs. Checked here because a violation would not
+// fail but write out of place.
+void check_unit_last_stride(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": internal error: ", name,
+              " reaches the CUDA launch with last-dimension stride ", t.stride(-1));
+}
+
+KernelArgs make_args(const char* op, const RopeInputs& in, const at::Tensor& q_out, const at::Tensor& k_out,
+                     int sin_sign) {
+  const at::Tensor& q = in.q;
+  const at::Tensor& k = in.k;
+  KernelArgs a{};
+  a.q_ptr = device_address(q);
+  a.k_ptr = device_address(k);
+  a.q_out_ptr = device_address(q_out);
+  a.k_out_ptr = device_address(k_out);
+  a.cos_ptr = device_address(in.cos);
+  a.sin_ptr = device_address(in.sin);
+  a.pos_ptr = in.positions.has_value() ? device_address(*in.positions) : 0;
+
+  a.seq_len = as_int32(op, "the sequence length", q.size(2));
+  a.n_heads_q = as_int32(op, "the number of q heads", q.size(1));
+  a.n_heads_k = as_int32(op, "the number of k heads", k.size(1));
+  a.half_dim = as_int32(op, "head_dim/2", q.size(3) / 2);
+  a.table_rows = as_int32(op, "the number of cos/sin rows", in.cos.size(0));
+  a.sin_sign = sin_sign;
+
+  a.q_stride_b = kernel_stride(q, 0);
+  a.q_stride_h = kernel_stride(q, 1);
+  a.q_stride_s = kernel_stride(q, 2);
+  a.k_stride_b = kernel_stride(k, 0);
+  a.k_stride_h = kernel_stride(k, 1);
+  a.k_stride_s = kernel_stride(k, 2);
+  a.q_out_stride_b = kernel_stride(q_out, 0);
+  a.q_out_stride_h = kernel_stride(q_out, 1);
+  a.q_out_stride_s = kernel_stride(q_out, 2);
+  a.k_out_stride_b = kernel_stride(k_out, 0);
+  a.k_out_stride_h = kernel_stride(k_out, 1);
+  a.k_out_stride_s = kernel_stride(k_out, 2);
+  a.cos_stride_row = kernel_stride(in.cos, 0);
+  a.sin_stride_row = kernel_stride(in.sin, 0);
+  if (in.positions.has_value()) {
+    a.pos_stride_b = kernel_stride(*in.positions, 0);
+    a.pos_stride_s = kernel_stride(*in.positions, 1);
+  }
+  return a;
+}
+
+// The device's current stream, as c10::cuda::getCurrentCUDAStream(device).stream() gives it,
+// reached through torch's registered CUDA guard implementation so that this library needs no
+// link to c10_cuda or cudart. The native handle is a cudaStream_t, the same type as CUstream
+// (struct CUstream_st*), and goes to the driver as is, including 0 for the legacy default stream.
+CUstream current_stream(const c10::Device& device) {
+  const c10::Stream stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
+  return static_cast<CUstream>(stream.native_handle());
+}
+
+std::string describe_variant(const Variant& v) {
+  std::string out = std::string("q/k ") + dtype_name(v.qk) + ", cos/sin " +
+                    (v.table == TableDtype::kFloat32 ? "float32" : dtype_name(v.qk)) + ", BLOCK_D2 " +
+                    std::to_string(kBlockD2Values[v.block_d2_index]) + ", positions " + positions_name(v.pos) +
+                    (v.aligned ? ", aligned" : ", unaligned") + " (variant " + std::to_string(v.index()) + ")";
+  return out;
+}
+
+}  // namespace
+
+void check_supported_on_cuda(const char* op, const RopeInputs& in) {
+  qk_dtype_of(op, in.q.scalar_type());
+  const int64_t head_dim = in.q.size(3);
+  TORCH_CHECK(head_dim / 2 <= kMaxHalfDim, op, ": head_dim above ", 2 * kMaxHalfDim,
+              " is not supported on CUDA (got ", head_dim, "; the CPU backend has no such limit)");
+}
+
+const ArchKernels* select_arch(int capability) {
+  const int major = capability / 10;
+  const int minor = capability % 10;
+  const ArchKernels* best = nullptr;
+  for (int i = 0; i < kNumBuiltArchs; ++i) {
+    const ArchKernels& candidate = kBuiltArchs[i];
+    if (candidate.arch == capability) {
+      return &candidate;
+    }
+    // Plain sm_8y cubins run on any 8.x with x >= y (binary compatibility within a major).
+    const bool runs_here = major < 9 && candidate.arch / 10 == major && candidate.arch % 10 <= minor;
+    if (runs_here && (best == nullptr || candidate.arch > best->arch)) {
+      best = &candidate;
+    }
+  }
+  return best;
+}
+
+std::string built_arch_list() {
+  if (kNumBuiltArchs == 0) {
+    return "no GPU architectures";
+  }
+  std::string out;
+  for (int i = 0; i < kNumBuiltArchs; ++i) {
+    out += (i == 0 ? "sm_" : ", sm_") + std::to_string(kBuiltArchs[i].arch);
+  }
+  return out;
+}
+
+void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, const at::Tensor& k_out,
+                 int sin_sign) {
+  check_supported_on_cuda(op, in);
+  const int64_t batch = in.q.size(0);
+  const int64_t seq_len = in.q.size(2);
+  if (batch == 0 || seq_len == 0 || (in.q.size(1) == 0 && in.k.size(1) == 0)) {
+    return;  // nothing to rotate; an empty grid is not a valid launch
+  }
+  // One program per token (b, s): grid x allows up to 2^31 - 1 blocks.
+  int64_t tokens = 0;
+  TORCH_CHECK(!__builtin_mul_overflow(batch, seq_len, &tokens) && tokens <= kInt32Max, op, ": batch * seq_len (",
+              batch, " * ", seq_len, ") exceeds the CUDA grid limit of 2^31 - 1 tokens");
+  check_unit_last_stride(op, "q", in.q);
+  check_unit_last_stride(op, "k", in.k);
+  check_unit_last_stride(op, "q_out", q_out);
+  check_unit_last_stride(op, "k_out", k_out);
+  check_unit_last_stride(op, "cos", in.cos);
+  check_unit_last_stride(op, "sin", in.sin);
+
+  KernelArgs args = make_args(op, in, q_out, k_out, sin_sign);
+  const Variant variant{qk_dtype_of(op, in.q.scalar_type()),
+                        table_dtype_of(op, in.cos.scalar_type(), in.q.scalar_type()),
+                        block_d2_index_of(args.half_dim), positions_kind_of(in.positions),
+                        alignment_hints_hold(args)};
+
+  const int device = in.q.device().index();
+  const int capability = device_capability(op, device);
+  const ArchKernels* arch = select_arch(capability);
+  TORCH_CHECK(arch != nullptr, op, ": no kernel for this GPU (sm_", capability, "); this build has ",
+              built_arch_list());
+  const KernelImage& image = arch->kernels[variant.index()];
+  TORCH_CHECK(image.cubin != nullptr, op, ": this build has no sm_", arch->arch, " kernel for ",
+              describe_variant(variant));
+  TORCH_CHECK(image.num_trailing_null_params >= 0 && image.num_trailing_null_params <= kMaxTrailingNullParams, op,
+              ": the sm_", arch->arch, " kernel ", image.function_name, " expects ", image.num_trailing_null_params,
+              " trailing scratch pointers; this launcher passes at most ", kMaxTrailingNullParams);
+
+  make_primary_context_current(op, device);
+  const LoadedKernel& kernel = loaded_kernel(op, device, variant.index(), arch->arch, image);
+
+  // Triton's trailing scratch pointers: this kernel needs no scratch memory, so null.
+  CUdeviceptr null_scratch[kMaxTrailingNullParams] = {};
+  void* params[kNumKernelParams + kMaxTrailingNullParams] = {
+      &args.q_ptr,          &args.k_ptr,          &args.q_out_ptr,      &args.k_out_ptr,      // 0-3
+      &args.cos_ptr,        &args.sin_ptr,        &args.pos_ptr,                              // 4-6
+      &args.seq_len,        &args.n_heads_q,      &args.n_heads_k,      &args.half_dim,       // 7-10
+      &args.table_rows,     &args.sin_sign,                                                   // 11-12
+      &args.q_stride_b,     &args.q_stride_h,     &args.q_stride_s,                           // 13-15
+      &args.k_stride_b,     &args.k_stride_h,     &args.k_stride_s,                           // 16-18
+      &args.q_out_stride_b, &args.q_out_stride_h, &args.q_out_stride_s,                       // 19-21
+      &args.k_out_stride_b, &args.k_out_stride_h, &args.k_out_stride_s,                       // 22-24
+      &args.cos_stride_row, &args.sin_stride_row,                                             // 25-26
+      &args.pos_stride_b,   &args.pos_stride_s,                                               // 27-28
+  };
+  for (int i = 0; i < image.num_trailing_null_params; ++i) {
+    params[kNumKernelParams + i] = &null_scratch[i];
+  }
+
+  const DriverApi& api = driver_api(op);
+  const CUstream stream = current_stream(in.q.device());
+  check_driver(api,
+               api.launch_kernel(kernel.function, static_cast<unsigned int>(tokens), 1, 1, kernel.block_threads, 1, 1,
+                                 kernel.shared_bytes, stream, params, nullptr),
+               op, "cuLaunchKernel");
+}
+
+}  // namespace rope_kernels::cuda

@@ -1,0 +1,24 @@
+// The one place where the rope operator schemas are defined. Each backend (cpu/, cuda/, meta/,
+// autograd/) registers its own kernels for these names from its own file.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include "build_info.h"
+
+TORCH_LIBRARY(rope, m) {
+  // pt2_compliant: the ops are functional, have Meta kernels and pass opcheck, so torch.compile
+  // and torch.export may trace through them without graph breaks.
+  const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
+  // Later options must be keyword arguments with defaults: this call form stays valid forever.
+  m.def("fused_qk(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? positions=None)"
+        " -> (Tensor, Tensor)",
+        tags);
+  // The gradient of fused_qk: the same rotation by the negated angle. A registered op of its own,
+  // whose autograd calls fused_qk, so that double backward works.
+  m.def("fused_qk_backward(Tensor grad_q_out, Tensor grad_k_out, Tensor cos, Tensor sin,"
+        " Tensor? positions=None) -> (Tensor, Tensor)",
+        tags);
+  // A JSON description of this build (versions, architectures, kernel variants), for C++ and
+  // Python users alike.
+  m.def("build_info() -> str", &rope_kernels::build_info_json);
+}

@@ -1,0 +1,159 @@
+#include "rope_inputs.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+namespace rope_kernels {
+namespace {
+
+bool is_supported_float(c10::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
+// The kernels read the last dimension as contiguous; any other stride is copied once here.
+at::Tensor with_unit_last_stride(const at::Tensor& t) {
+  if (t.sym_size(-1) <= 1 || t.sym_stride(-1) == 1) {
+    return t;
+  }
+  return t.contiguous();
+}
+
+// Drops leading size-1 dimensions, so the Hugging Face (1, 1, S, D) tables are accepted.
+at::Tensor squeeze_leading_ones(const char* op, const char* name, const at::Tensor& t) {
+  at::Tensor out = t;
+  while (out.dim() > 2 && out.sym_size(0) == 1) {
+    out = out.squeeze(0);
+  }
+  TORCH_CHECK(out.dim() == 2, op, ": ", name, " must be (max_seq, head_dim/2) or (max_seq, head_dim), "
+              "optionally with leading size-1 dims; got shape ", t.sym_sizes());
+  return out;
+}
+
+void check_qk(const char* op, const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D (batch, heads, seq, head_dim); got ", q.dim(),
+              "-D with shape ", q.sym_sizes());
+  TORCH_CHECK(k.dim() == 4, op, ": k must be 4-D (batch, heads, seq, head_dim); got ", k.dim(),
+              "-D with shape ", k.sym_sizes());
+  TORCH_CHECK(q.device() == k.device(), op, ": q and k must be on the same device; got q on ",
+              q.device(), " and k on ", k.device());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), op, ": q and k must have the same dtype; got q ",
+              q.scalar_type(), " and k ", k.scalar_type());
+  TORCH_CHECK(is_supported_float(q.scalar_type()), op,
+              ": q and k must be float16, bfloat16, float32 or float64; got ", q.scalar_type());
+  TORCH_CHECK(q.sym_size(0) == k.sym_size(0), op, ": q and k must have the same batch size; got ", q.sym_size(0),
+              " and ", k.sym_size(0));
+  TORCH_CHECK(q.sym_size(2) == k.sym_size(2), op, ": q and k must have the same sequence length; got ",
+              q.sym_size(2), " and ", k.sym_size(2));
+  TORCH_CHECK(q.sym_size(3) == k.sym_size(3), op, ": q and k must have the same head_dim; got ", q.sym_size(3),
+              " and ", k.sym_size(3));
+  TORCH_CHECK(q.sym_size(3) % 2 == 0 && q.sym_size(3) > 0, op, ": head_dim must be even and positive; got ",
+              q.sym_size(3));
+}
+
+void check_table(const char* op, const at::Tensor& q, const at::Tensor& cos, const at::Tensor& sin,
+                 const c10::SymInt& head_dim) {
+  TORCH_CHECK(cos.device() == q.device() && sin.device() == q.device(), op,
+              ": cos and sin must be on q's device (", q.device(), "); got cos on ", cos.device(),
+              " and sin on ", sin.device());
+  TORCH_CHECK(cos.sym_sizes() == sin.sym_sizes(), op, ": cos and sin must have the same shape; got ",
+              cos.sym_sizes(), " and ", sin.sym_sizes());
+  TORCH_CHECK(cos.scalar_type() == sin.scalar_type(), op,
+              ": cos and sin must have the same dtype; got ", cos.scalar_type(), " and ",
+              sin.scalar_type());
+  const auto t = cos.scalar_type();
+  TORCH_CHECK(t == q.scalar_type() || t == at::kFloat, op,
+              ": cos and sin must be float32 or q's dtype (", q.scalar_type(), "); got ", t);
+  const c10::SymInt width = cos.sym_size(-1);
+  TORCH_CHECK(width == head_dim / 2 || width == head_dim, op,
+              ": cos and sin must have head_dim/2 (", head_dim / 2, ") or head_dim (", head_dim,
+              ") columns; got ", width);
+}
+
+void check_positions(const char* op, const at::Tensor& q, const at::Tensor& positions) {
+  TORCH_CHECK(positions.scalar_type() == at::kInt || positions.scalar_type() == at::kLong, op,
+              ": positions must be int32 or int64; got ", positions.scalar_type());
+  TORCH_CHECK(positions.device() == q.device(), op, ": positions must be on q's device (", q.device(),
+              "); got ", positions.device());
+  const c10::SymInt batch = q.sym_size(0);
+  const c10::SymInt seq = q.sym_size(2);
+  const bool per_batch = positions.dim() == 2 && positions.sym_size(0) == batch && positions.sym_size(1) == seq;
+  const bool shared = positions.dim() == 1 && positions.sym_size(0) == seq;
+  TORCH_CHECK(per_batch || shared, op, ": positions must have shape (batch, seq) = (", batch, ", ",
+              seq, ") or (seq,) = (", seq, "); got ", positions.sym_sizes());
+}
+
+}  // namespace
+
+RopeInputs check_and_normalize(const char* op, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& cos, const at::Tensor& sin,
+                               const std::optional<at::Tensor>& positions) {
+  check_qk(op, q, k);
+  const c10::SymInt head_dim = q.sym_size(3);
+  const at::Tensor cos2 = squeeze_leading_ones(op, "cos", cos);
+  const at::Tensor sin2 = squeeze_leading_ones(op, "sin", sin);
+  check_table(op, q, cos2, sin2, head_dim);
+
+  RopeInputs in;
+  in.half_dim = head_dim / 2;
+  in.q = with_unit_last_stride(q);
+  in.k = with_unit_last_stride(k);
+  in.cos = with_unit_last_stride(cos2);
+  in.sin = with_unit_last_stride(sin2);
+  if (positions.has_value()) {
+    check_positions(op, q, *positions);
+    in.positions = positions->dim() == 1 ? positions->unsqueeze(0).expand_symint({q.sym_size(0), q.sym_size(2)})
+                                         : *positions;
+  } else {
+    // Only without positions can the table length be checked without reading device memory;
+    // with positions, a row outside the table gives NaN outputs for that token (documented).
+    TORCH_CHECK(cos2.sym_size(0) >= q.sym_size(2), op, ": cos and sin have ", cos2.sym_size(0),
+                " rows but the sequence has ", q.sym_size(2),
+                " tokens; pass a longer table or explicit positions");
+  }
+  return in;
+}
+
+namespace {
+
+// A fresh tensor laid out like t. For a dense t that is torch.empty_like(t), which the design asks
+// for. A view with gaps (a slice of a fused qkv projection) would get contiguous (B, H, S, D) from
+// empty_like; instead it keeps its own dimension order (a transposed (B, S, H, D) view stays one),
+// so the attention kernel downstream sees the layout it would have seen without RoPE. The last
+// dimension always stays innermost, because the kernels write it contiguously.
+// Written with SymInts so that the Meta kernel gives the same answer under dynamic shapes.
+at::Tensor output_like(const at::Tensor& t) {
+  if (t.is_non_overlapping_and_dense() && t.sym_stride(-1) == 1) {
+    return at::empty_like(t);
+  }
+  const int64_t n = t.dim();
+  // Outer dims ordered outermost first by decreasing stride; insertion sort keeps ties in order.
+  std::vector<int64_t> order(n - 1);
+  std::iota(order.begin(), order.end(), 0);
+  for (size_t i = 1; i < order.size(); ++i) {
+    for (size_t j = i; j > 0 && t.sym_stride(order[j - 1]) < t.sym_stride(order[j]); --j) {
+      std::swap(order[j - 1], order[j]);
+    }
+  }
+  order.push_back(n - 1);
+  std::vector<c10::SymInt> permuted_sizes;
+  for (const int64_t d : order) {
+    permuted_sizes.push_back(t.sym_size(d));
+  }
+  std::vector<int64_t> inverse(n);
+  for (int64_t i = 0; i < n; ++i) {
+    inverse[order[i]] = i;
+  }
+  return at::empty_symint(permuted_sizes, t.options()).permute(inverse);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& q, const at::Tensor& k) {
+  return {output_like(q), output_like(k)};
+}
+
+}  // namespace rope_kernels

@@ -1,0 +1,220 @@
+"""Compile one variant of rope_qk_kernel for one architecture, with no GPU and no driver.
+
+Runs inside the build's worker processes. ``triton.compile(ASTSource(...), target=GPUTarget(...))``
+is used directly rather than ``triton.tools.compile``: the tool asks the active driver for a
+target and for C type names, which fails on a machine without a GPU.
+
+Each result is stored in the build cache as ``<key>.cubin`` plus ``<key>.json`` (the metadata the
+launcher needs), so a warm build never starts Triton at all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import traceback
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Optional
+
+import aot_specs
+from aot_specs import Variant
+
+# Bump when the cached record format or the way a variant is compiled changes.
+CACHE_FORMAT = 1
+
+# PTX register width of each runtime parameter, in launch order: what the launcher's
+# kernelParams array must match (pointers and i64 are 8 bytes, i32 is 4).
+_EXPECTED_PARAM_BITS = (
+    [64] * len(aot_specs.POINTER_PARAMS)
+    + [32] * len(aot_specs.I32_PARAMS)
+    + [64] * len(aot_specs.I64_PARAMS)
+)
+# Triton appends a global scratch and a profile scratch pointer (3.3 and later); older
+# releases appended one or none. More than that would be an ABI we do not know how to feed.
+_MAX_TRAILING_PARAMS = 2
+
+# The environment Triton reads that changes the code it generates, beyond its version and the
+# arch: part of our cache key so that a changed setting recompiles.
+_CODEGEN_ENV = ("TRITON_DEFAULT_FP_FUSION", "TRITON_PTXAS_PATH", "TRITON_PTXAS_BLACKWELL_PATH",
+                "TRITON_OVERRIDE_ARCH", "DISABLE_LLVM_OPT", "LLVM_IR_ENABLE_DUMP")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileJob:
+    arch: int
+    variant: Variant
+    kernel_path: str  # rope_kernel.py
+    cubin_path: str  # where the cubin goes in the cache; metadata next to it as .json
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledVariant:
+    """What the launcher needs about one cubin (the json record of the cache)."""
+
+    arch: int
+    index: int
+    name: str
+    num_warps: int
+    shared: int
+    num_trailing_null_params: int
+    block_h: int
+    cubin_size: int
+    cubin_path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class JobResult:
+    job: CompileJob
+    compiled: Optional[CompiledVariant]  # None when it failed
+    error: str = ""  # the failure, as text: Triton's exceptions do not always pickle
+
+
+def cache_key(kernel_source: str, triton_version: str, arch: int, variant: Variant) -> str:
+    """Hash of everything that determines the cubin."""
+    spec = {
+        "format": CACHE_FORMAT,
+        "triton": triton_version,
+        "arch": arch,
+        "signature": variant.signature(),
+        "constexprs": variant.constexprs(),
+        "divisible_by_16": variant.divisible_by_16(),
+        "num_warps": variant.launch.num_warps,
+        "env": {name: os.environ.get(name) for name in _CODEGEN_ENV},
+    }
+    h = hashlib.sha256(kernel_source.encode())
+    h.update(json.dumps(spec, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def load_cached(cubin_path: Path) -> Optional[CompiledVariant]:
+    """The cached record of a cubin, or None if absent or incomplete."""
+    meta_path = cubin_path.with_suffix(".json")
+    try:
+        record = json.loads(meta_path.read_text())
+        compiled = CompiledVariant(**record)
+    except (OSError, ValueError, TypeError):
+        return None
+    if not cubin_path.is_file() or cubin_path.stat().st_size != compiled.cubin_size:
+        return None
+    return dataclasses.replace(compiled, cubin_path=str(cubin_path))
+
+
+def compile_job(job: CompileJob) -> JobResult:
+    """Worker entry point: compile, check, store in the cache. Never raises."""
+    try:
+        return JobResult(job, _compile_and_store(job))
+    except Exception as e:  # noqa: BLE001 - reported to the driver, which decides what fails
+        detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+        return JobResult(job, None, detail or type(e).__name__)
+
+
+def _compile_and_store(job: CompileJob) -> CompiledVariant:
+    kernel = _compile(job)
+    md = kernel.metadata
+    _check_no_scratch(md)
+    trailing = count_trailing_params(kernel.asm["ptx"], md.name)
+    cubin: bytes = kernel.asm["cubin"]
+    compiled = CompiledVariant(
+        arch=job.arch,
+        index=job.variant.index,
+        name=md.name,
+        num_warps=md.num_warps,
+        shared=md.shared,
+        num_trailing_null_params=trailing,
+        block_h=job.variant.launch.block_h,
+        cubin_size=len(cubin),
+        cubin_path=job.cubin_path,
+    )
+    _store(Path(job.cubin_path), cubin, compiled)
+    return compiled
+
+
+def _compile(job: CompileJob) -> Any:
+    # Imported here: the driver process only needs Triton's version, never its compiler.
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(_load_kernel_module(job.kernel_path), aot_specs.KERNEL_NAME)
+    _check_parameter_list(list(fn.arg_names))
+    variant = job.variant
+    src = ASTSource(fn=fn, signature=variant.signature(), constexprs=variant.constexprs(),
+                    attrs=_divisibility_attrs(fn.arg_names, variant.divisible_by_16()))
+    return triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
+                          options={"num_warps": variant.launch.num_warps})
+
+
+@functools.lru_cache(maxsize=None)
+def _load_kernel_module(path: str) -> ModuleType:
+    """Import rope_kernel.py by path (once per worker): Triton reads the source from its file."""
+    spec = importlib.util.spec_from_file_location("rope_kernel", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_parameter_list(arg_names: list[str]) -> None:
+    """The launcher passes parameters by position: the kernel must have exactly the agreed list."""
+    expected = list(aot_specs.RUNTIME_PARAMS + aot_specs.CONSTEXPR_PARAMS)
+    if arg_names != expected:
+        raise RuntimeError(f"{aot_specs.KERNEL_NAME} parameters changed: {arg_names} != {expected}")
+
+
+def _divisibility_attrs(arg_names: list[str], hinted: tuple[str, ...]) -> dict[tuple[int, ...], Any]:
+    """Hints in the ASTSource attrs format of Triton 3.3 and later (3.6, 3.8 and 3.9 agree):
+    {(param_index,): [["tt.divisibility", 16]]}."""
+    return {(arg_names.index(name),): [["tt.divisibility", 16]] for name in hinted}
+
+
+def _check_no_scratch(md: Any) -> None:
+    """The launcher passes the trailing scratch pointers as null: refuse a kernel that uses them."""
+    for field in ("global_scratch_size", "profile_scratch_size"):
+        # Absent in old releases; None in 3.6 when the module has no such attribute.
+        size = getattr(md, field, 0) or 0
+        if size > 0:
+            raise RuntimeError(f"{md.name} needs {field}={size} bytes: the launcher has no scratch buffer")
+
+
+_ENTRY_RE = re.compile(r"\.entry\s+(\w+)\s*\(([^)]*)\)")
+_PARAM_RE = re.compile(r"\.param\s+\.([a-z]+)(\d+)\b")
+
+
+def ptx_entry_param_bits(ptx: str, name: str) -> list[int]:
+    """Register width of each parameter of the PTX entry `name`, in order."""
+    for match in _ENTRY_RE.finditer(ptx):
+        if match.group(1) == name:
+            return [int(bits) for _, bits in _PARAM_RE.findall(match.group(2))]
+    raise RuntimeError(f"no .entry {name} in the PTX")
+
+
+def count_trailing_params(ptx: str, name: str) -> int:
+    """Number of parameters Triton appended after ours, checking ours are where we expect."""
+    bits = ptx_entry_param_bits(ptx, name)
+    ours = bits[:len(_EXPECTED_PARAM_BITS)]
+    trailing = bits[len(_EXPECTED_PARAM_BITS):]
+    if ours != _EXPECTED_PARAM_BITS:
+        raise RuntimeError(f"{name}: PTX parameter widths {ours} != expected {_EXPECTED_PARAM_BITS}")
+    if len(trailing) > _MAX_TRAILING_PARAMS or any(b != 64 for b in trailing):
+        raise RuntimeError(f"{name}: unexpected trailing PTX parameters (widths {trailing})")
+    return len(trailing)
+
+
+def _store(cubin_path: Path, cubin: bytes, compiled: CompiledVariant) -> None:
+    """Write the cubin, then its record: a record only exists for a complete cubin."""
+    cubin_path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(cubin_path, cubin)
+    record = dataclasses.asdict(compiled)
+    _atomic_write(cubin_path.with_suffix(".json"), json.dumps(record, indent=1).encode())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    # Renamed into place so that a build interrupted mid-write never leaves a torn cache entry.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,24 @@
+# Ahead-of-time compilation of the Triton kernels into cubins, embedded in a generated C++ source.
+# Needs Python with triton at build time only; no GPU and no driver. build_aot.py caches each
+# compiled variant and rewrites its outputs only when their content changes, so a rebuild after an
+# unrelated edit compiles nothing.
+find_package(Python3 REQUIRED COMPONENTS Interpreter)
+
+set(ROPE_AOT_DIR "${CMAKE_CURRENT_BINARY_DIR}/aot")
+set(ROPE_AOT_TABLE_SOURCE "${ROPE_AOT_DIR}/rope_kernel_table.cpp")
+string(REPLACE ";" "," _rope_archs "${ROPE_CUDA_ARCHS}")
+file(GLOB ROPE_KERNEL_SCRIPTS CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/kernels/*.py")
+set(_rope_aot_jobs)
+if(NOT ROPE_AOT_JOBS STREQUAL "0")
+  set(_rope_aot_jobs --jobs ${ROPE_AOT_JOBS})
+endif()
+
+add_custom_command(
+  OUTPUT "${ROPE_AOT_TABLE_SOURCE}" "${ROPE_AOT_DIR}/aot_manifest.json"
+  COMMAND "${Python3_EXECUTABLE}" "${CMAKE_CURRENT_SOURCE_DIR}/kernels/build_aot.py"
+          --out-dir "${ROPE_AOT_DIR}" --cache-dir "${CMAKE_CURRENT_BINARY_DIR}/aot_cache"
+          --archs "${_rope_archs}" ${_rope_aot_jobs}
+  DEPENDS ${ROPE_KERNEL_SCRIPTS}
+  COMMENT "Compiling the Triton kernels ahead of time (sm ${_rope_archs})"
+  USES_TERMINAL
+  VERBATIM)

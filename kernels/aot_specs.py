@@ -1,0 +1,163 @@
+"""The specialization table of rope_qk_kernel: every variant the AOT build compiles, and how.
+
+This is the one place that decides what gets compiled. The C++ launcher indexes the generated
+table with ``variant_index`` from csrc/cuda/kernel_table.h, so the enumeration order here must
+match that formula exactly (the generated sources static_assert it per variant).
+
+No Triton import here: the build driver and the C++ emitter use this table without a compiler.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+KERNEL_NAME = "rope_qk_kernel"
+
+# Runtime parameters of rope_qk_kernel in launch order, with the Triton type of each scalar.
+# Pointer types depend on the variant (see Variant.signature); Triton appends its own scratch
+# pointers after these, which the launcher passes as null.
+POINTER_PARAMS = ("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "cos_ptr", "sin_ptr", "pos_ptr")
+I32_PARAMS = ("seq_len", "n_heads_q", "n_heads_k", "half_dim", "table_rows", "sin_sign")
+I64_PARAMS = (
+    "q_stride_b", "q_stride_h", "q_stride_s",
+    "k_stride_b", "k_stride_h", "k_stride_s",
+    "q_out_stride_b", "q_out_stride_h", "q_out_stride_s",
+    "k_out_stride_b", "k_out_stride_h", "k_out_stride_s",
+    "cos_stride_row", "sin_stride_row",
+    "pos_stride_b", "pos_stride_s",
+)
+RUNTIME_PARAMS = POINTER_PARAMS + I32_PARAMS + I64_PARAMS
+NUM_RUNTIME_PARAMS = len(RUNTIME_PARAMS)  # 29, as the launcher passes them
+CONSTEXPR_PARAMS = ("BLOCK_D2", "BLOCK_H", "HAS_POS")
+
+# What the launcher may promise in an aligned variant: every pointer but pos_ptr is 16-byte
+# aligned, and half_dim and every q/k/out/cos/sin stride is a multiple of 16 elements. These are
+# the hints that turn the loads and stores into 16-byte vector accesses.
+ALIGNED_HINTED_PARAMS = (
+    ("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "cos_ptr", "sin_ptr", "half_dim")
+    + I64_PARAMS[:14]
+)
+
+# Index order of each axis is fixed by the enums of kernel_table.h.
+QK_DTYPES = ("fp16", "bf16", "fp32")  # QkDtype
+TABLE_DTYPES = ("same", "fp32")  # TableDtype: kSameAsQk, kFloat32
+BLOCK_D2_VALUES = (16, 32, 64, 128)  # kBlockD2Values
+POS_KINDS = ("none", "int32", "int64")  # PosKind
+ALIGNED = (False, True)
+
+NUM_VARIANTS = len(QK_DTYPES) * len(TABLE_DTYPES) * len(BLOCK_D2_VALUES) * len(POS_KINDS) * len(ALIGNED)
+
+# Architectures (10 * major + minor). The first group must compile; the second is built only
+# where the installed Triton (its LLVM and bundled ptxas) knows it.
+REQUIRED_ARCHS = (80, 86, 89, 90)
+OPTIONAL_ARCHS = (100, 120)
+DEFAULT_ARCHS = REQUIRED_ARCHS + OPTIONAL_ARCHS
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchShape:
+    """Per-BLOCK_D2 tuning: heads rotated per inner step and warps per program."""
+
+    block_h: int
+    num_warps: int
+
+
+# One program handles one token; BLOCK_H * BLOCK_D2 elements per step keeps the register
+# footprint flat (16 x 64 = 8 x 128 = 1024 pairs) while small heads still fill the warps.
+LAUNCH_SHAPES: dict[int, LaunchShape] = {
+    16: LaunchShape(block_h=16, num_warps=4),
+    32: LaunchShape(block_h=16, num_warps=4),
+    64: LaunchShape(block_h=16, num_warps=4),
+    128: LaunchShape(block_h=8, num_warps=4),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One specialization, named by its index on each axis of the table."""
+
+    qk: int
+    table: int
+    block: int
+    pos: int
+    aligned: bool
+
+    @property
+    def index(self) -> int:
+        """Position in the generated table: the same formula as variant_index() in C++."""
+        i = self.qk
+        i = i * len(TABLE_DTYPES) + self.table
+        i = i * len(BLOCK_D2_VALUES) + self.block
+        i = i * len(POS_KINDS) + self.pos
+        return i * len(ALIGNED) + int(self.aligned)
+
+    @property
+    def is_built(self) -> bool:
+        # fp32 q with an fp32 table is already "same as qk": the second slot would duplicate it.
+        return not (QK_DTYPES[self.qk] == "fp32" and TABLE_DTYPES[self.table] == "fp32")
+
+    @property
+    def block_d2(self) -> int:
+        return BLOCK_D2_VALUES[self.block]
+
+    @property
+    def launch(self) -> LaunchShape:
+        return LAUNCH_SHAPES[self.block_d2]
+
+    def key(self) -> dict[str, object]:
+        """Readable description, used in the manifest and in cache keys."""
+        return {
+            "qk_dtype": QK_DTYPES[self.qk],
+            "table_dtype": TABLE_DTYPES[self.table],
+            "block_d2": self.block_d2,
+            "positions": POS_KINDS[self.pos],
+            "aligned": self.aligned,
+        }
+
+    def signature(self) -> dict[str, str]:
+        """Triton signature of every parameter, constexprs marked as such."""
+        qk = "*" + QK_DTYPES[self.qk]
+        table = qk if TABLE_DTYPES[self.table] == "same" else "*fp32"
+        # Without positions pos_ptr is still a parameter (the launcher passes 0): type it *i32.
+        pos = "*i64" if POS_KINDS[self.pos] == "int64" else "*i32"
+        sig = dict(zip(POINTER_PARAMS, (qk, qk, qk, qk, table, table, pos)))
+        sig.update({name: "i32" for name in I32_PARAMS})
+        sig.update({name: "i64" for name in I64_PARAMS})
+        sig.update({name: "constexpr" for name in CONSTEXPR_PARAMS})
+        return sig
+
+    def constexprs(self) -> dict[str, object]:
+        return {
+            "BLOCK_D2": self.block_d2,
+            "BLOCK_H": self.launch.block_h,
+            "HAS_POS": POS_KINDS[self.pos] != "none",
+        }
+
+    def divisible_by_16(self) -> tuple[str, ...]:
+        """Parameters hinted as 16-byte aligned pointers or multiples of 16."""
+        return ALIGNED_HINTED_PARAMS if self.aligned else ()
+
+    def label(self) -> str:
+        """Short name for messages and comments, e.g. bf16/fp32/d64/int32/aligned."""
+        k = self.key()
+        return "/".join((k["qk_dtype"], k["table_dtype"], f"d{self.block_d2}", k["positions"],
+                         "aligned" if self.aligned else "unaligned"))
+
+
+def all_variants() -> Iterator[Variant]:
+    """Every slot of the table, built or not, in table order."""
+    for qk in range(len(QK_DTYPES)):
+        for table in range(len(TABLE_DTYPES)):
+            for block in range(len(BLOCK_D2_VALUES)):
+                for pos in range(len(POS_KINDS)):
+                    for aligned in ALIGNED:
+                        yield Variant(qk, table, block, pos, aligned)
+
+
+def built_variants() -> list[Variant]:
+    return [v for v in all_variants() if v.is_built]
+
+
+def is_optional_arch(arch: int) -> bool:
+    """Whether a compile failure for this arch skips it instead of failing the build."""
+    return arch not in REQUIRED_ARCHS

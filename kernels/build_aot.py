@@ -1,0 +1,201 @@
+"""Ahead-of-time build of the RoPE kernels: Triton source -> cubins -> C++ sources for the launcher.
+
+    python kernels/build_aot.py --out-dir DIR --cache-dir DIR [--archs 80,86,89,90,100,120] [--jobs N]
+
+Compiles every variant of aot_specs for every architecture (no GPU or driver needed) and writes
+rope_kernel_table.cpp, cubins_sm<arch>.bin and aot_manifest.json into --out-dir. Compiled cubins
+are cached under --cache-dir, so an unchanged kernel rebuilds in well under a second.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Optional, TextIO
+
+import aot_emit
+import aot_specs
+from aot_compile import CompiledVariant, CompileJob, JobResult, cache_key, compile_job, load_cached
+
+KERNEL_FILE = Path(__file__).resolve().with_name("rope_kernel.py")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--out-dir", type=Path, required=True, help="where the generated sources go")
+    parser.add_argument("--cache-dir", type=Path, required=True, help="compiled cubins, kept between builds")
+    parser.add_argument("--archs", type=_parse_archs, default=list(aot_specs.DEFAULT_ARCHS),
+                        help="comma-separated compute capabilities (default: %(default)s); "
+                             f"failures of archs other than {aot_specs.REQUIRED_ARCHS} skip the arch")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
+    return parser.parse_args(argv)
+
+
+def _parse_archs(text: str) -> list[int]:
+    try:
+        archs = sorted({int(a) for a in text.split(",") if a.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 80,90, got {text!r}") from None
+    if not archs:
+        raise argparse.ArgumentTypeError("no architecture given")
+    return archs
+
+
+def setup_triton_env(cache_dir: Path) -> None:
+    """Environment for Triton, set before any worker imports it (children inherit it)."""
+    # Triton's own cache inside ours, not in the user's home: the build stays self-contained.
+    os.environ["TRITON_CACHE_DIR"] = str((cache_dir / "triton").resolve())
+    # Fusion on, as in every Triton so far; set explicitly because 3.9 warns when it is unset
+    # and announced a change of default. An explicit user setting wins (and is in the cache key).
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+
+def triton_version() -> str:
+    import triton  # only its version: compilation happens in the workers
+    return triton.__version__
+
+
+class Progress:
+    """One-line counter: rewritten in place on a terminal, printed once at the end in a log."""
+
+    def __init__(self, total: int, stream: TextIO = sys.stdout) -> None:
+        self.total = total
+        self.done = 0
+        self.cached = 0
+        self.stream = stream
+        self.live = stream.isatty()
+
+    def add(self, n: int = 1, cached: bool = False) -> None:
+        self.done += n
+        self.cached += n if cached else 0
+        if self.live:
+            self.stream.write(f"\r{self._line()}")
+            self.stream.flush()
+
+    def finish(self) -> None:
+        self.stream.write(f"\r{self._line()}\n" if self.live else f"{self._line()}\n")
+        self.stream.flush()
+
+    def _line(self) -> str:
+        return f"[aot] {self.done}/{self.total} compiled ({self.cached} from cache)"
+
+
+def note(message: str) -> None:
+    # On a terminal the counter line has no newline yet: start a fresh line first.
+    print(f"\n[aot] {message}" if sys.stdout.isatty() else f"[aot] {message}", flush=True)
+
+
+def plan_jobs(archs: list[int], cache_dir: Path, version: str, source: str) -> list[CompileJob]:
+    """One job per (arch, built variant), in table order."""
+    jobs = []
+    for arch in archs:
+        for variant in aot_specs.built_variants():
+            key = cache_key(source, version, arch, variant)
+            cubin = cache_dir / "cubins" / key[:2] / f"{key}.cubin"
+            jobs.append(CompileJob(arch, variant, str(KERNEL_FILE), str(cubin.resolve())))
+    return jobs
+
+
+def run_jobs(jobs: list[CompileJob], n_jobs: int, progress: Progress) -> Iterable[JobResult]:
+    """Results of cache hits first, then of the compiled jobs as they finish."""
+    misses = []
+    for job in jobs:
+        cached = load_cached(Path(job.cubin_path))
+        if cached is None:
+            misses.append(job)
+        else:
+            progress.add(cached=True)
+            yield JobResult(job, cached)
+    if misses:
+        yield from _compile_misses(misses, n_jobs, progress)
+
+
+def _probe_first(jobs: list[CompileJob]) -> list[CompileJob]:
+    """Each arch's first job ahead of the rest: an arch Triton cannot compile shows up at once."""
+    firsts = {}
+    for job in jobs:
+        firsts.setdefault(job.arch, job)
+    probes = list(firsts.values())
+    return probes + [j for j in jobs if j not in probes]
+
+
+def _compile_misses(jobs: list[CompileJob], n_jobs: int, progress: Progress) -> Iterable[JobResult]:
+    # Each job is a whole Triton pipeline (about a second): processes, one job per task.
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, min(n_jobs, len(jobs)))) as pool:
+        pending = {pool.submit(compile_job, job): job for job in _probe_first(jobs)}
+        dropped: set[int] = set()
+        for future in concurrent.futures.as_completed(list(pending)):
+            if future.cancelled():
+                continue
+            result = future.result()
+            progress.add()
+            yield result
+            arch = result.job.arch
+            if result.compiled is None and aot_specs.is_optional_arch(arch) and arch not in dropped:
+                # The arch will be skipped: do not spend minutes failing its other variants.
+                dropped.add(arch)
+                progress.total -= _cancel_arch(pending, arch)
+
+
+def _cancel_arch(pending: dict[concurrent.futures.Future, CompileJob], arch: int) -> int:
+    return sum(1 for f, job in pending.items() if job.arch == arch and f.cancel())
+
+
+def collect(results: Iterable[JobResult]) -> tuple[dict[int, dict[int, CompiledVariant]], dict[int, str]]:
+    """Group results per arch; an arch with any failure is returned with its first error."""
+    kernels: dict[int, dict[int, CompiledVariant]] = {}
+    errors: dict[int, str] = {}
+    for r in results:
+        if r.compiled is None:
+            errors.setdefault(r.job.arch, f"{r.job.variant.label()}: {r.error}")
+        else:
+            kernels.setdefault(r.job.arch, {})[r.job.variant.index] = r.compiled
+    for arch in errors:
+        kernels.pop(arch, None)
+    return kernels, errors
+
+
+def check_consistent(kernels: dict[int, dict[int, CompiledVariant]]) -> None:
+    """Every cubin of one build must take the same trailing parameters: one launcher ABI."""
+    counts = {c.num_trailing_null_params for per_arch in kernels.values() for c in per_arch.values()}
+    if len(counts) > 1:
+        raise SystemExit(f"[aot] error: the cubins disagree on Triton's trailing parameters: {sorted(counts)}")
+
+
+def build(out_dir: Path, cache_dir: Path, archs: list[int], n_jobs: int) -> None:
+    setup_triton_env(cache_dir)
+    version = triton_version()
+    source = KERNEL_FILE.read_text()
+    jobs = plan_jobs(archs, cache_dir, version, source)
+    print(f"[aot] triton {version}: {len(jobs)} kernels "
+          f"({len(jobs) // len(archs)} variants x sm_{', sm_'.join(map(str, archs))}), {n_jobs} jobs", flush=True)
+    start = time.monotonic()
+    progress = Progress(len(jobs))
+    kernels, errors = collect(run_jobs(jobs, n_jobs, progress))
+    progress.finish()
+    fatal = {a: e for a, e in errors.items() if not aot_specs.is_optional_arch(a)}
+    for arch, error in sorted(errors.items()):
+        if arch not in fatal:
+            note(f"note: skipping sm_{arch}: Triton {version} cannot compile it ({error.splitlines()[-1]})")
+    if fatal:
+        details = "\n".join(f"  sm_{a}: {e}" for a, e in sorted(fatal.items()))
+        raise SystemExit(f"[aot] error: compilation failed for required architectures:\n{details}")
+    if not kernels:
+        raise SystemExit("[aot] error: no architecture could be compiled")
+    check_consistent(kernels)
+    changed = aot_emit.write_outputs(out_dir, version, hashlib.sha256(source.encode()).hexdigest(), kernels, errors)
+    print(f"[aot] sm_{', sm_'.join(map(str, sorted(kernels)))} in {time.monotonic() - start:.1f} s; "
+          f"{len(changed)} file(s) updated in {out_dir}", flush=True)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    build(args.out_dir, args.cache_dir, args.archs, max(1, args.jobs))
+
+
+if __name__ == "__main__":
+    main()

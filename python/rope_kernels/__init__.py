@@ -1,0 +1,48 @@
+"""rope_kernels: Rotary Position Embedding at the speed of device memory.
+
+The work is done by ``torch.ops.rope.fused_qk`` (a C++ op with CPU, CUDA and Meta kernels and a
+C++ autograd node); this package loads it and offers typed, TorchScript-compatible wrappers.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from ._loader import load_op_library
+
+__version__ = (Path(__file__).resolve().parent / "VERSION").read_text().strip()
+
+load_op_library()
+
+__all__ = ["fused_qk", "build_info", "__version__"]
+
+
+def fused_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q ``(B, Hq, S, D)`` and k ``(B, Hk, S, D)`` by the angles in cos/sin.
+
+    cos/sin: ``(S_max, D/2)`` or ``(S_max, D)`` (first half used), leading size-1 dims allowed,
+    float32 or q's dtype. positions: optional int32/int64 ``(B, S)`` or ``(S,)`` table rows; without
+    it token s uses row s. A position outside the table gives NaN for that token. Returns new
+    tensors laid out like q and k. Differentiable with respect to q and k.
+    """
+    return torch.ops.rope.fused_qk(q, k, cos, sin, positions)
+
+
+def build_info() -> Dict[str, Any]:
+    """Versions this build was made with, and the GPU architectures and kernels compiled in."""
+    info: Dict[str, Any] = json.loads(torch.ops.rope.build_info())
+    kernels = info.pop("cuda_kernels", None) or {}
+    info["triton"] = kernels.get("triton")
+    info["architectures"] = list(kernels.get("architectures", []))
+    info["variants_per_architecture"] = kernels.get("variants_per_architecture", 0)
+    info["kernels"] = kernels.get("kernels", 0)
+    return info

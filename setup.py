@@ -1,0 +1,93 @@
+"""Builds the rope_kernels wheel by driving CMakeLists.txt, the one build that C++ users share.
+
+The op library is a plain shared library (no Python module init, no libpython): it is declared
+as a py_limited_api extension only so that setuptools names it, places it in the package (also
+for editable installs) and tags the wheel as platform-specific but Python-version independent.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+VERSION = (ROOT / "python" / "rope_kernels" / "VERSION").read_text().strip()
+
+
+class CMakeLibrary(Extension):
+    def __init__(self, name: str, target: str) -> None:
+        super().__init__(name, sources=[], py_limited_api=True)
+        self.target = target
+
+
+def torch_build_requirement() -> str:
+    """The torch series the library is built for: its C++ ABI changes between minor releases."""
+    import torch
+
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return f"torch>={major}.{minor},<{major}.{int(minor) + 1}"
+
+
+class BuildWithCMake(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        if not isinstance(ext, CMakeLibrary):
+            return super().build_extension(ext)
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        # A fixed build tree (not setuptools' temporary one) so that a rebuild redoes only what
+        # changed, AOT kernels included.
+        build_dir = Path(os.environ.get("ROPE_BUILD_DIR", ROOT / "build" / "cmake")).resolve()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        configure = [
+            "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            f"-DCMAKE_BUILD_TYPE={os.environ.get('ROPE_BUILD_TYPE', 'Release')}",
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-DPython3_EXECUTABLE={sys.executable}",
+            # The library finds torch's libraries through the already-loaded torch; a build-tree
+            # RPATH would leak this machine's paths into the wheel.
+            "-DCMAKE_SKIP_RPATH=ON",
+        ]
+        if CUDA_HOME:
+            configure.append(f"-DCUDAToolkit_ROOT={CUDA_HOME}")
+            configure.append(f"-DCUDA_TOOLKIT_ROOT_DIR={CUDA_HOME}")
+        for option in ("ROPE_WITH_CUDA", "ROPE_CUDA_ARCHS", "ROPE_AOT_JOBS"):
+            if option in os.environ:
+                configure.append(f"-D{option}={os.environ[option]}")
+        subprocess.run(configure, check=True)
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        subprocess.run(["cmake", "--build", str(build_dir), "--target", ext.target, "-j", jobs], check=True)
+
+        built = build_dir / f"lib{ext.target}.so"
+        destination = Path(self.get_ext_fullpath(ext.name))
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(built, destination)
+        # Read at import, before the library is loaded, to explain a torch mismatch in words
+        # instead of an undefined-symbol error.
+        built_with = {"torch": torch.__version__, "cuda": torch.version.cuda}
+        (destination.parent / "_built_with.json").write_text(json.dumps(built_with) + "\n")
+
+    def copy_extensions_to_source(self) -> None:
+        # Editable installs copy only the library into the source tree; the build record goes along.
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+            record = Path(regular_file).parent / "_built_with.json"
+            if record.exists():
+                shutil.copyfile(record, Path(inplace_file).parent / record.name)
+
+
+setup(
+    version=VERSION,
+    install_requires=[torch_build_requirement()],
+    ext_modules=[CMakeLibrary("rope_kernels._ops", target="rope_kernels_ops")],
+    cmdclass={"build_ext": BuildWithCMake},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)

@@ -1,0 +1,153 @@
+"""Forward correctness of torch.ops.rope.fused_qk against the float64 reference.
+
+Each test sweeps one property (dtype and head_dim, heads and layout, positions, tables, lengths)
+with the others at ordinary values, and every call goes through `check_forward`, which also
+checks the output layout, that outputs are fresh, that no output element is left unwritten
+and that no input is written.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import rope_kernels
+from rope_env import DEVICES, device_dtype_params
+from rope_reference import (LAYOUTS, POSITIONS, RopeArgs, RopeCase, assert_close_to_reference,
+                            assert_fresh_outputs, assert_output_layout, assert_unchanged, make_args,
+                            poison_allocator, reference_fused_qk, snapshot)
+
+HEAD_DIMS = [2, 8, 10, 64, 80, 96, 128, 256]
+
+# (Hq, Hk): MHA, GQA 4:1, MQA 32:1, head counts that are no multiple of any block size, Hk > Hq.
+HEADS = [(4, 4), (16, 4), (32, 1), (5, 5), (3, 7)]
+
+
+def check_forward(case: RopeCase, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run fused_qk on `case` and check everything a forward call promises; return the outputs."""
+    args = make_args(case, device)
+    expected = reference_fused_qk(args)
+    before = snapshot(args)
+    poison_allocator(device, (args.q, args.k))
+    outputs = torch.ops.rope.fused_qk(*args)
+    assert isinstance(outputs, tuple) and len(outputs) == 2
+    for out, x, ref in zip(outputs, (args.q, args.k), expected):
+        assert_output_layout(out, x)
+        assert_close_to_reference(out, ref, case.dtype)
+    assert_fresh_outputs(outputs, tuple(args))
+    assert_unchanged(args, before)
+    return outputs
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize(("device", "dtype"), device_dtype_params())
+def test_dtypes_and_head_dims(device: str, dtype: torch.dtype, head_dim: int) -> None:
+    check_forward(RopeCase(dtype=dtype, head_dim=head_dim, table_dtype="same"), device)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(("heads_q", "heads_k"), HEADS, ids=[f"hq{q}-hk{k}" for q, k in HEADS])
+@pytest.mark.parametrize(("device", "dtype"), device_dtype_params(("bf16", "fp32")))
+def test_heads_and_layouts(device: str, dtype: torch.dtype, heads_q: int, heads_k: int, layout: str) -> None:
+    check_forward(RopeCase(dtype=dtype, heads_q=heads_q, heads_k=heads_k, layout=layout, head_dim=80), device)
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize("layout", ["bhsd", "qkv"])
+@pytest.mark.parametrize(("device", "dtype"), device_dtype_params(("fp16", "fp32")))
+def test_positions(device: str, dtype: torch.dtype, layout: str, positions: str) -> None:
+    check_forward(RopeCase(dtype=dtype, layout=layout, positions=positions, seq=9), device)
+
+
+@pytest.mark.parametrize("positions", ["bs:int32", "s:int64"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_positions_allow_a_table_shorter_than_the_sequence(device: str, positions: str) -> None:
+    # With positions, only the rows they name must exist (e.g. packed sequences of short documents).
+    check_forward(RopeCase(seq=12, table_rows=4, positions=positions), device)
+
+
+@pytest.mark.parametrize("table_layout", ["dense", "packed"])
+@pytest.mark.parametrize("table_leading", [0, 2])
+@pytest.mark.parametrize("table_dtype", ["fp32", "same"])
+@pytest.mark.parametrize("table_width", ["half", "full"])
+@pytest.mark.parametrize(("device", "dtype"), device_dtype_params(("fp16", "bf16", "fp32")))
+def test_tables(device: str, dtype: torch.dtype, table_width: str, table_dtype: str, table_leading: int,
+                table_layout: str) -> None:
+    case = RopeCase(dtype=dtype, table_width=table_width, table_dtype=table_dtype,
+                    table_leading=table_leading, table_layout=table_layout, positions="bs:int64")
+    check_forward(case, device)
+
+
+@pytest.mark.parametrize(("batch", "seq", "positions"), [
+    (0, 7, "none"),  # empty batch: empty outputs, no launch with an empty grid
+    (0, 7, "bs:int64"),
+    (1, 1, "none"),  # one token
+    (3, 1, "bs:int32"),  # decoding: one new token per sequence at its own position
+    (2, 5, "none"),
+    (1, 33, "s:int64"),
+    (2, 129, "none"),
+])
+@pytest.mark.parametrize(("device", "dtype"), device_dtype_params(("bf16", "fp32")))
+def test_sequence_lengths(device: str, dtype: torch.dtype, batch: int, seq: int, positions: str) -> None:
+    check_forward(RopeCase(dtype=dtype, batch=batch, seq=seq, positions=positions, layout="bshd"), device)
+
+
+@pytest.mark.parametrize("head_dim", [258, 512])
+def test_cpu_takes_any_even_head_dim(head_dim: int) -> None:
+    # The CUDA kernels stop at 256; the CPU implementation has no such limit.
+    check_forward(RopeCase(head_dim=head_dim, dtype=torch.float64, table_dtype="same"), "cpu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unused_half_of_a_full_width_table_is_never_read(device: str) -> None:
+    # Only the first D/2 columns of a (S_max, D) table count: NaN in the rest must not show up.
+    case = RopeCase(table_width="full", positions="bs:int64", dtype=torch.bfloat16)
+    args = make_args(case, device)
+    cos, sin = args.cos.clone(), args.sin.clone()
+    cos[:, case.head_dim // 2:] = math.nan
+    sin[:, case.head_dim // 2:] = math.nan
+    poisoned = args._replace(cos=cos, sin=sin)
+    outputs = torch.ops.rope.fused_qk(*poisoned)
+    for out, ref in zip(outputs, reference_fused_qk(args)):
+        assert not out.isnan().any()
+        assert_close_to_reference(out, ref, case.dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_positions_means_row_s(device: str) -> None:
+    # positions=None and positions=arange(S) are the same rotation, bit for bit.
+    args = make_args(RopeCase(dtype=torch.float16, layout="qkv"), device)
+    arange = torch.arange(args.q.shape[2], device=device)
+    implicit = torch.ops.rope.fused_qk(*args)
+    explicit = torch.ops.rope.fused_qk(args.q, args.k, args.cos, args.sin, arange)
+    for a, b in zip(implicit, explicit):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_python_api_matches_the_op(device: str) -> None:
+    # rope_kernels.fused_qk is the typed front door; it must be the op itself, bit for bit.
+    args = make_args(RopeCase(positions="bs:int32", layout="bshd"), device)
+    via_op = torch.ops.rope.fused_qk(*args)
+    via_api = rope_kernels.fused_qk(args.q, args.k, args.cos, args.sin, positions=args.positions)
+    without_positions = rope_kernels.fused_qk(args.q, args.k, args.cos, args.sin)
+    for a, b in zip(via_op, via_api):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(torch.ops.rope.fused_qk(*RopeArgs(*args[:4], None)), without_positions):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_op_is_the_inverse_rotation(device: str) -> None:
+    # fused_qk_backward is fused_qk with sin negated: check it directly and as a round trip.
+    case = RopeCase(positions="bs:int64", layout="bshd")
+    args = make_args(case, device)
+    grads = torch.ops.rope.fused_qk_backward(*args)
+    for out, x, ref in zip(grads, (args.q, args.k), reference_fused_qk(args, inverse=True)):
+        assert_output_layout(out, x)
+        assert_close_to_reference(out, ref, case.dtype)
+    rotated = torch.ops.rope.fused_qk(*args)
+    restored = torch.ops.rope.fused_qk_backward(*args._replace(q=rotated[0], k=rotated[1]))
+    for back, x in zip(restored, (args.q, args.k)):
+        torch.testing.assert_close(back, x, rtol=1e-5, atol=1e-5)
