@@ -119,16 +119,15 @@ RopeInputs check_and_normalize(const char* op, const at::Tensor& q, const at::Te
 
 namespace {
 
-// A fresh tensor laid out like t. For a dense t that is torch.empty_like(t), which the design asks
-// for. A view with gaps (a slice of a fused qkv projection) would get contiguous (B, H, S, D) from
-// empty_like; instead it keeps its own dimension order (a transposed (B, S, H, D) view stays one),
-// so the attention kernel downstream sees the layout it would have seen without RoPE. The last
-// dimension always stays innermost, because the kernels write it contiguously.
-// Written with SymInts so that the Meta kernel gives the same answer under dynamic shapes.
+// A fresh dense tensor with t's dimension order (outer dims by decreasing stride, the last dim
+// innermost because the kernels write it contiguously). For a dense t this is the layout
+// torch.empty_like(t) gives; a view with gaps (a slice of a fused qkv projection), for which
+// empty_like would fall back to contiguous (B, H, S, D), keeps its (B, S, H, D) order too, so the
+// attention kernel downstream sees the layout it would have seen without RoPE.
+// The strides are computed here rather than by empty_like, whose fake-tensor version orders
+// size-1 dims differently: this way the Meta kernel's strides equal the real ones exactly.
+// SymInt-safe, for the Meta kernel under dynamic shapes.
 at::Tensor output_like(const at::Tensor& t) {
-  if (t.is_non_overlapping_and_dense() && t.sym_stride(-1) == 1) {
-    return at::empty_like(t);
-  }
   const int64_t n = t.dim();
   // Outer dims ordered outermost first by decreasing stride; insertion sort keeps ties in order.
   std::vector<int64_t> order(n - 1);

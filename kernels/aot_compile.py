@@ -9,23 +9,25 @@ launcher needs), so a warm build never starts Triton at all.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import re
 import traceback
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any
 
 import aot_specs
 from aot_specs import Variant
 
 # Bump when the cached record format or the way a variant is compiled changes.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 # PTX register width of each runtime parameter, in launch order: what the launcher's
 # kernelParams array must match (pointers and i64 are 8 bytes, i32 is 4).
@@ -34,14 +36,16 @@ _EXPECTED_PARAM_BITS = (
     + [32] * len(aot_specs.I32_PARAMS)
     + [64] * len(aot_specs.I64_PARAMS)
 )
-# Triton appends a global scratch and a profile scratch pointer (3.3 and later); older
-# releases appended one or none. More than that would be an ABI we do not know how to feed.
-_MAX_TRAILING_PARAMS = 2
+# Triton appends one pointer parameter per scratch kind its metadata declares (3.6 to 3.9:
+# global and profile scratch, so two). The launcher passes them as null, which is only right
+# while their sizes are 0.
+_SCRATCH_FIELDS = ("global_scratch_size", "profile_scratch_size")
 
 # The environment Triton reads that changes the code it generates, beyond its version and the
 # arch: part of our cache key so that a changed setting recompiles.
-_CODEGEN_ENV = ("TRITON_DEFAULT_FP_FUSION", "TRITON_PTXAS_PATH", "TRITON_PTXAS_BLACKWELL_PATH",
-                "TRITON_OVERRIDE_ARCH", "DISABLE_LLVM_OPT", "LLVM_IR_ENABLE_DUMP")
+_CODEGEN_ENV = ("TRITON_DEFAULT_FP_FUSION", "TRITON_OVERRIDE_ARCH", "TRITON_PTXAS_PATH",
+                "TRITON_PTXAS_BLACKWELL_PATH", "TRITON_LIBDEVICE_PATH", "DISABLE_PTXAS_OPT",
+                "PTXAS_OPTIONS", "DISABLE_LLVM_OPT")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +61,6 @@ class CompiledVariant:
     """What the launcher needs about one cubin (the json record of the cache)."""
 
     arch: int
-    index: int
     name: str
     num_warps: int
     shared: int
@@ -70,7 +73,7 @@ class CompiledVariant:
 @dataclasses.dataclass(frozen=True)
 class JobResult:
     job: CompileJob
-    compiled: Optional[CompiledVariant]  # None when it failed
+    compiled: CompiledVariant | None  # None when it failed
     error: str = ""  # the failure, as text: Triton's exceptions do not always pickle
 
 
@@ -91,7 +94,7 @@ def cache_key(kernel_source: str, triton_version: str, arch: int, variant: Varia
     return h.hexdigest()
 
 
-def load_cached(cubin_path: Path) -> Optional[CompiledVariant]:
+def load_cached(cubin_path: Path) -> CompiledVariant | None:
     """The cached record of a cubin, or None if absent or incomplete."""
     meta_path = cubin_path.with_suffix(".json")
     try:
@@ -107,7 +110,10 @@ def load_cached(cubin_path: Path) -> Optional[CompiledVariant]:
 def compile_job(job: CompileJob) -> JobResult:
     """Worker entry point: compile, check, store in the cache. Never raises."""
     try:
-        return JobResult(job, _compile_and_store(job))
+        # On a ptxas failure Triton prints the whole PTX to stdout (hundreds of lines per job);
+        # the exception already says what failed, so keep the build log readable.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return JobResult(job, _compile_and_store(job))
     except Exception as e:  # noqa: BLE001 - reported to the driver, which decides what fails
         detail = "".join(traceback.format_exception_only(type(e), e)).strip()
         return JobResult(job, None, detail or type(e).__name__)
@@ -117,11 +123,11 @@ def _compile_and_store(job: CompileJob) -> CompiledVariant:
     kernel = _compile(job)
     md = kernel.metadata
     _check_no_scratch(md)
-    trailing = count_trailing_params(kernel.asm["ptx"], md.name)
+    expected_trailing = sum(1 for field in _SCRATCH_FIELDS if hasattr(md, field))
+    trailing = count_trailing_params(kernel.asm["ptx"], md.name, expected_trailing)
     cubin: bytes = kernel.asm["cubin"]
     compiled = CompiledVariant(
         arch=job.arch,
-        index=job.variant.index,
         name=md.name,
         num_warps=md.num_warps,
         shared=md.shared,
@@ -149,7 +155,7 @@ def _compile(job: CompileJob) -> Any:
                           options={"num_warps": variant.launch.num_warps})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_kernel_module(path: str) -> ModuleType:
     """Import rope_kernel.py by path (once per worker): Triton reads the source from its file."""
     spec = importlib.util.spec_from_file_location("rope_kernel", path)
@@ -174,7 +180,7 @@ def _divisibility_attrs(arg_names: list[str], hinted: tuple[str, ...]) -> dict[t
 
 def _check_no_scratch(md: Any) -> None:
     """The launcher passes the trailing scratch pointers as null: refuse a kernel that uses them."""
-    for field in ("global_scratch_size", "profile_scratch_size"):
+    for field in _SCRATCH_FIELDS:
         # Absent in old releases; None in 3.6 when the module has no such attribute.
         size = getattr(md, field, 0) or 0
         if size > 0:
@@ -193,15 +199,17 @@ def ptx_entry_param_bits(ptx: str, name: str) -> list[int]:
     raise RuntimeError(f"no .entry {name} in the PTX")
 
 
-def count_trailing_params(ptx: str, name: str) -> int:
-    """Number of parameters Triton appended after ours, checking ours are where we expect."""
+def count_trailing_params(ptx: str, name: str, expected: int) -> int:
+    """Number of parameters Triton appended after our 29 (PTX params - 29), checking that ours
+    have the widths the launcher passes and that the rest are the `expected` scratch pointers."""
     bits = ptx_entry_param_bits(ptx, name)
     ours = bits[:len(_EXPECTED_PARAM_BITS)]
     trailing = bits[len(_EXPECTED_PARAM_BITS):]
     if ours != _EXPECTED_PARAM_BITS:
         raise RuntimeError(f"{name}: PTX parameter widths {ours} != expected {_EXPECTED_PARAM_BITS}")
-    if len(trailing) > _MAX_TRAILING_PARAMS or any(b != 64 for b in trailing):
-        raise RuntimeError(f"{name}: unexpected trailing PTX parameters (widths {trailing})")
+    if len(trailing) != expected or any(b != 64 for b in trailing):
+        raise RuntimeError(f"{name}: {len(bits)} PTX parameters; expected {len(ours)} + {expected} "
+                           f"scratch pointers, found trailing widths {trailing}")
     return len(trailing)
 
 

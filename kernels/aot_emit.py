@@ -10,9 +10,10 @@ no-op AOT run.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import aot_specs
 from aot_compile import CompiledVariant
@@ -84,6 +85,7 @@ def _gas_string(text: str) -> str:
 
 
 def _asm_block(arch: int, blob_path: Path, blob: bytes) -> list[str]:
+    """The asm() that embeds one arch's blob, and the C++ declaration of its symbol."""
     symbol = f"{SYMBOL_PREFIX}{arch}"
     lines = [
         f".pushsection {BLOB_SECTION}",
@@ -127,9 +129,9 @@ def _arch_table(arch: int, kernels: Mapping[int, CompiledVariant], offsets: Mapp
 def _layout_asserts() -> list[str]:
     """The initializers are positional: fail the build if the header reorders the fields."""
     out = []
-    for before, after in zip(_KERNEL_IMAGE_FIELDS, _KERNEL_IMAGE_FIELDS[1:]):
+    for before, after in itertools.pairwise(_KERNEL_IMAGE_FIELDS):
         out.append(f"static_assert(offsetof(KernelImage, {before}) < offsetof(KernelImage, {after}), "
-                   f'"KernelImage field order changed: regenerate with kernels/build_aot.py");')
+                   f'"KernelImage field order changed: update _KERNEL_IMAGE_FIELDS in kernels/aot_emit.py");')
     return out
 
 
@@ -193,16 +195,14 @@ def render_manifest(triton_version: str, kernel_sha256: str, archs: list[int], s
         "num_variant_slots": aot_specs.NUM_VARIANTS,
         "variants_per_architecture": len(aot_specs.built_variants()),
         "kernels": len(entries),
-        "variants": entries,
     }
-    return _json_one_variant_per_line(manifest)
+    return _json_one_variant_per_line(manifest, entries)
 
 
-def _json_one_variant_per_line(manifest: dict[str, object]) -> str:
-    """Indented JSON, except that each variant stays on one line: readable and diffable."""
-    variants = manifest.pop("variants")
+def _json_one_variant_per_line(manifest: dict[str, object], variants: list[dict[str, object]]) -> str:
+    """Indented JSON with a final "variants" list of one line per variant: readable and diffable."""
     head = json.dumps(manifest, indent=1)
-    rows = ",\n".join("  " + json.dumps(v) for v in variants)  # type: ignore[union-attr]
+    rows = ",\n".join("  " + json.dumps(v) for v in variants)
     return f'{head[:-2]},\n "variants": [\n{rows}\n ]\n}}\n'
 
 

@@ -9,7 +9,7 @@ No Triton import here: the build driver and the C++ emitter use this table witho
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 KERNEL_NAME = "rope_qk_kernel"
 
@@ -62,8 +62,9 @@ class LaunchShape:
     num_warps: int
 
 
-# One program handles one token; BLOCK_H * BLOCK_D2 elements per step keeps the register
-# footprint flat (16 x 64 = 8 x 128 = 1024 pairs) while small heads still fill the warps.
+# One program handles one token. At most 1024 rotation pairs per inner step (16 x 64 = 8 x 128)
+# bounds the registers per thread at 4 warps; smaller heads take more heads per step instead.
+# These are the starting values: tune them on the GPU here, nowhere else.
 LAUNCH_SHAPES: dict[int, LaunchShape] = {
     16: LaunchShape(block_h=16, num_warps=4),
     32: LaunchShape(block_h=16, num_warps=4),
@@ -120,7 +121,7 @@ class Variant:
         table = qk if TABLE_DTYPES[self.table] == "same" else "*fp32"
         # Without positions pos_ptr is still a parameter (the launcher passes 0): type it *i32.
         pos = "*i64" if POS_KINDS[self.pos] == "int64" else "*i32"
-        sig = dict(zip(POINTER_PARAMS, (qk, qk, qk, qk, table, table, pos)))
+        sig = dict(zip(POINTER_PARAMS, (qk, qk, qk, qk, table, table, pos), strict=True))
         sig.update({name: "i32" for name in I32_PARAMS})
         sig.update({name: "i64" for name in I64_PARAMS})
         sig.update({name: "constexpr" for name in CONSTEXPR_PARAMS})
@@ -139,9 +140,8 @@ class Variant:
 
     def label(self) -> str:
         """Short name for messages and comments, e.g. bf16/fp32/d64/int32/aligned."""
-        k = self.key()
-        return "/".join((k["qk_dtype"], k["table_dtype"], f"d{self.block_d2}", k["positions"],
-                         "aligned" if self.aligned else "unaligned"))
+        return "/".join((QK_DTYPES[self.qk], TABLE_DTYPES[self.table], f"d{self.block_d2}",
+                         POS_KINDS[self.pos], "aligned" if self.aligned else "unaligned"))
 
 
 def all_variants() -> Iterator[Variant]:

@@ -14,17 +14,25 @@ import hashlib
 import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional, TextIO
+from typing import TextIO
 
 import aot_emit
 import aot_specs
-from aot_compile import CompiledVariant, CompileJob, JobResult, cache_key, compile_job, load_cached
+from aot_compile import (
+    CompiledVariant,
+    CompileJob,
+    JobResult,
+    cache_key,
+    compile_job,
+    load_cached,
+)
 
 KERNEL_FILE = Path(__file__).resolve().with_name("rope_kernel.py")
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--out-dir", type=Path, required=True, help="where the generated sources go")
     parser.add_argument("--cache-dir", type=Path, required=True, help="compiled cubins, kept between builds")
@@ -56,7 +64,7 @@ def setup_triton_env(cache_dir: Path) -> None:
 
 def triton_version() -> str:
     import triton  # only its version: compilation happens in the workers
-    return triton.__version__
+    return str(triton.__version__)
 
 
 class Progress:
@@ -69,9 +77,9 @@ class Progress:
         self.stream = stream
         self.live = stream.isatty()
 
-    def add(self, n: int = 1, cached: bool = False) -> None:
-        self.done += n
-        self.cached += n if cached else 0
+    def add(self, cached: bool = False) -> None:
+        self.done += 1
+        self.cached += int(cached)
         if self.live:
             self.stream.write(f"\r{self._line()}")
             self.stream.flush()
@@ -84,9 +92,13 @@ class Progress:
         return f"[aot] {self.done}/{self.total} compiled ({self.cached} from cache)"
 
 
-def note(message: str) -> None:
-    # On a terminal the counter line has no newline yet: start a fresh line first.
-    print(f"\n[aot] {message}" if sys.stdout.isatty() else f"[aot] {message}", flush=True)
+def summarize_error(error: str) -> str:
+    """One stable line of a compile error: ptxas's own complaint when there is one.
+
+    The full text names temporary files, which would make the manifest differ on every run."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    fatal = [line for line in lines if "fatal" in line.lower()]
+    return " ".join((fatal or lines or ["unknown error"])[0].split())
 
 
 def plan_jobs(archs: list[int], cache_dir: Path, version: str, source: str) -> list[CompileJob]:
@@ -116,7 +128,7 @@ def run_jobs(jobs: list[CompileJob], n_jobs: int, progress: Progress) -> Iterabl
 
 def _probe_first(jobs: list[CompileJob]) -> list[CompileJob]:
     """Each arch's first job ahead of the rest: an arch Triton cannot compile shows up at once."""
-    firsts = {}
+    firsts: dict[int, CompileJob] = {}
     for job in jobs:
         firsts.setdefault(job.arch, job)
     probes = list(firsts.values())
@@ -135,14 +147,18 @@ def _compile_misses(jobs: list[CompileJob], n_jobs: int, progress: Progress) -> 
             progress.add()
             yield result
             arch = result.job.arch
-            if result.compiled is None and aot_specs.is_optional_arch(arch) and arch not in dropped:
-                # The arch will be skipped: do not spend minutes failing its other variants.
+            if result.compiled is None and arch not in dropped:
+                # An optional arch will be skipped and a required one fails the build: either
+                # way, do not spend minutes compiling what will be thrown away.
                 dropped.add(arch)
-                progress.total -= _cancel_arch(pending, arch)
+                every_arch = not aot_specs.is_optional_arch(arch)
+                progress.total -= _cancel(pending, arch, every_arch)
 
 
-def _cancel_arch(pending: dict[concurrent.futures.Future, CompileJob], arch: int) -> int:
-    return sum(1 for f, job in pending.items() if job.arch == arch and f.cancel())
+def _cancel(pending: dict[concurrent.futures.Future[JobResult], CompileJob], arch: int, every_arch: bool) -> int:
+    """Cancel the jobs not yet started of `arch` (or of all archs); return how many were cancelled now."""
+    return sum(1 for f, job in pending.items()
+               if (every_arch or job.arch == arch) and not f.cancelled() and f.cancel())
 
 
 def collect(results: Iterable[JobResult]) -> tuple[dict[int, dict[int, CompiledVariant]], dict[int, str]]:
@@ -159,13 +175,6 @@ def collect(results: Iterable[JobResult]) -> tuple[dict[int, dict[int, CompiledV
     return kernels, errors
 
 
-def check_consistent(kernels: dict[int, dict[int, CompiledVariant]]) -> None:
-    """Every cubin of one build must take the same trailing parameters: one launcher ABI."""
-    counts = {c.num_trailing_null_params for per_arch in kernels.values() for c in per_arch.values()}
-    if len(counts) > 1:
-        raise SystemExit(f"[aot] error: the cubins disagree on Triton's trailing parameters: {sorted(counts)}")
-
-
 def build(out_dir: Path, cache_dir: Path, archs: list[int], n_jobs: int) -> None:
     setup_triton_env(cache_dir)
     version = triton_version()
@@ -178,21 +187,20 @@ def build(out_dir: Path, cache_dir: Path, archs: list[int], n_jobs: int) -> None
     kernels, errors = collect(run_jobs(jobs, n_jobs, progress))
     progress.finish()
     fatal = {a: e for a, e in errors.items() if not aot_specs.is_optional_arch(a)}
-    for arch, error in sorted(errors.items()):
-        if arch not in fatal:
-            note(f"note: skipping sm_{arch}: Triton {version} cannot compile it ({error.splitlines()[-1]})")
+    skipped = {a: summarize_error(e) for a, e in errors.items() if a not in fatal}
+    for arch, reason in sorted(skipped.items()):
+        print(f"[aot] note: skipping sm_{arch}: Triton {version} cannot compile it: {reason}", flush=True)
     if fatal:
         details = "\n".join(f"  sm_{a}: {e}" for a, e in sorted(fatal.items()))
         raise SystemExit(f"[aot] error: compilation failed for required architectures:\n{details}")
     if not kernels:
         raise SystemExit("[aot] error: no architecture could be compiled")
-    check_consistent(kernels)
-    changed = aot_emit.write_outputs(out_dir, version, hashlib.sha256(source.encode()).hexdigest(), kernels, errors)
+    changed = aot_emit.write_outputs(out_dir, version, hashlib.sha256(source.encode()).hexdigest(), kernels, skipped)
     print(f"[aot] sm_{', sm_'.join(map(str, sorted(kernels)))} in {time.monotonic() - start:.1f} s; "
           f"{len(changed)} file(s) updated in {out_dir}", flush=True)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     build(args.out_dir, args.cache_dir, args.archs, max(1, args.jobs))
 

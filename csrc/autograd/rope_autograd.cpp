@@ -33,11 +33,6 @@ struct RotateFunction : public torch::autograd::Function<RotateFunction<kInverse
                                                 const at::Tensor& k, const at::Tensor& cos,
                                                 const at::Tensor& sin,
                                                 const std::optional<at::Tensor>& positions) {
-    // cos/sin are treated as constants; a silent zero gradient for them would be a wrong answer.
-    const bool table_needs_grad = at::GradMode::is_enabled() && (cos.requires_grad() || sin.requires_grad());
-    TORCH_CHECK(!table_needs_grad, op_name(kInverse),
-                ": gradients with respect to cos/sin are not supported; pass them detached "
-                "(cos.detach(), sin.detach())");
     ctx->save_for_backward({cos, sin, positions.value_or(at::Tensor())});
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [q_out, k_out] = rotate_op(kInverse).call(q, k, cos, sin, positions);
@@ -59,6 +54,12 @@ template <bool kInverse>
 std::tuple<at::Tensor, at::Tensor> rotate_autograd(const at::Tensor& q, const at::Tensor& k,
                                                    const at::Tensor& cos, const at::Tensor& sin,
                                                    const std::optional<at::Tensor>& positions) {
+  // cos/sin are treated as constants; a silent zero gradient for them would be a wrong answer.
+  // Checked here, not in forward(), where autograd has already switched grad mode off.
+  const bool table_needs_grad = at::GradMode::is_enabled() && (cos.requires_grad() || sin.requires_grad());
+  TORCH_CHECK(!table_needs_grad, op_name(kInverse),
+              ": gradients with respect to cos/sin are not supported; pass them detached "
+              "(cos.detach(), sin.detach())");
   const auto outputs = RotateFunction<kInverse>::apply(q, k, cos, sin, positions);
   return {outputs[0], outputs[1]};
 }

@@ -52,7 +52,7 @@ def self_check_cases() -> List[Case]:
     return [
         # The main training shape in small: GQA on transposed views, HF bf16 full-width table.
         Case(2, 64, 8, 2, 128, torch.bfloat16, "bshd", True, None, 64, "none"),
-        # Contiguous (B, H, S, D) fp32, half table, S not a multiple of any block size.
+        # Contiguous (B, H, S, D) fp32 with a half table that has more rows than tokens.
         Case(2, 33, 4, 4, 64, torch.float32, "bhsd", False, None, 40, "none"),
         # Packed sequences: per-token rows from a longer table; D/2 = 48 exercises a masked block.
         Case(3, 17, 6, 2, 96, torch.bfloat16, "bshd", False, torch.float32, 256, "bs"),
@@ -67,14 +67,19 @@ def self_check_cases() -> List[Case]:
     ]
 
 
+def short_dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bf16", torch.float32 -> "fp32": narrow columns."""
+    return str(dtype).replace("torch.", "").replace("bfloat", "bf").replace("float", "fp")
+
+
 def describe(case: Case) -> str:
     """A short, column-aligned description of a case for its result line."""
-    dtype = str(case.dtype).replace("torch.", "").replace("float", "fp").replace("bfp", "bf")
     table_dtype = case.table_dtype if case.table_dtype is not None else case.dtype
-    table = "{} {}".format("full" if case.full_table else "half", str(table_dtype).replace("torch.", ""))
+    table = "{} {}".format("full" if case.full_table else "half", short_dtype_name(table_dtype))
     layout = {"bhsd": "(B,H,S,D)", "bshd": "(B,S,H,D).T", "qkv": "fused-qkv"}[case.layout]
     shape = "B{} S{} H{}/{} D{}".format(case.batch, case.seq, case.heads_q, case.heads_k, case.head_dim)
-    return "{:<5} {:<20} {:<12} table {:<13} pos {:<12}".format(dtype, shape, layout, table, case.positions)
+    return "{:<5} {:<20} {:<12} table {:<10} pos {:<12}".format(
+        short_dtype_name(case.dtype), shape, layout, table, case.positions)
 
 
 def rope_tables(rows: int, head_dim: int, full_width: bool, dtype: torch.dtype,
