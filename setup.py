@@ -34,12 +34,26 @@ def torch_build_requirement() -> str:
     return f"torch>={major}.{minor},<{major}.{int(minor) + 1}"
 
 
+def find_cuda_toolkit() -> str | None:
+    """The CUDA toolkit root: its headers are needed (cuda.h, and torch's CUDA headers).
+
+    torch's own guess goes through `which nvcc`, which is wrong when nvcc is a wrapper script
+    outside the toolkit, so each candidate is checked for the header we need.
+    """
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), CUDA_HOME, "/usr/local/cuda"]
+    for root in candidates:
+        if root and (Path(root) / "include" / "cuda.h").exists():
+            return root
+    return None
+
+
 class BuildWithCMake(build_ext):
     def build_extension(self, ext: Extension) -> None:
         if not isinstance(ext, CMakeLibrary):
             return super().build_extension(ext)
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME
 
         # A fixed build tree (not setuptools' temporary one) so that a rebuild redoes only what
         # changed, AOT kernels included.
@@ -54,9 +68,10 @@ class BuildWithCMake(build_ext):
             # RPATH would leak this machine's paths into the wheel.
             "-DCMAKE_SKIP_RPATH=ON",
         ]
-        if CUDA_HOME:
-            configure.append(f"-DCUDAToolkit_ROOT={CUDA_HOME}")
-            configure.append(f"-DCUDA_TOOLKIT_ROOT_DIR={CUDA_HOME}")
+        cuda_root = find_cuda_toolkit()
+        if cuda_root:
+            configure.append(f"-DCUDAToolkit_ROOT={cuda_root}")
+            configure.append(f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_root}")
         for option in ("ROPE_WITH_CUDA", "ROPE_CUDA_ARCHS", "ROPE_AOT_JOBS"):
             if option in os.environ:
                 configure.append(f"-D{option}={os.environ[option]}")

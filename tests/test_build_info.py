@@ -8,8 +8,9 @@ import rope_kernels
 # The architectures every build must carry (sm_100 and sm_120 only where the Triton used can).
 REQUIRED_ARCHITECTURES = {80, 86, 89, 90}
 
-# variant_index covers qk dtype (3) x table dtype (2) x head-dim block (4) x positions (3) x aligned (2).
-VARIANTS_PER_ARCHITECTURE = 3 * 2 * 4 * 3 * 2
+# (q dtype, table dtype) pairs: fp16 or bf16 q with a table of q's dtype or fp32, and fp32 with fp32 (5),
+# x head-dim block (4) x positions none/int32/int64 (3) x aligned or not (2).
+VARIANTS_PER_ARCHITECTURE = 5 * 4 * 3 * 2
 
 
 def test_documented_keys_and_types() -> None:
@@ -36,5 +37,4 @@ def test_architectures_and_kernels() -> None:
     assert REQUIRED_ARCHITECTURES <= set(architectures), f"architectures {architectures}"
     assert len(set(architectures)) == len(architectures), f"an architecture is listed twice: {architectures}"
     assert info["variants_per_architecture"] == VARIANTS_PER_ARCHITECTURE
-    # Not every variant exists (fp32 q has no separate fp32-table variant), but each architecture has some.
-    assert len(architectures) <= info["kernels"] <= len(architectures) * VARIANTS_PER_ARCHITECTURE
+    assert info["kernels"] == len(architectures) * VARIANTS_PER_ARCHITECTURE
