@@ -49,6 +49,26 @@ def find_cuda_toolkit() -> str | None:
     return None
 
 
+def check_shared_cxx_runtime(library: Path) -> None:
+    """Refuse a library that carries its own copy of the C++ runtime.
+
+    Some toolchains link libstdc++ statically by default. The op library then holds a second
+    libstdc++ next to the one torch uses, and an error message that formats a number crashes the
+    process (the two runtimes disagree on iostream locale facets).
+    """
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        return
+    dynamic = subprocess.run([readelf, "-d", str(library)], check=True, capture_output=True, text=True).stdout
+    if "libstdc++" not in dynamic:
+        compiler = os.environ.get("CXX", "the default C++ compiler")
+        raise RuntimeError(
+            f"rope_kernels: {library.name} was linked with a static C++ runtime by {compiler}; "
+            "torch needs the shared libstdc++. Build with a compiler that links it dynamically, "
+            "e.g. CXX=/usr/bin/g++ (and remove build/cmake to reconfigure)."
+        )
+
+
 class BuildWithCMake(build_ext):
     def build_extension(self, ext: Extension) -> None:
         if not isinstance(ext, CMakeLibrary):
@@ -80,6 +100,7 @@ class BuildWithCMake(build_ext):
         subprocess.run(["cmake", "--build", str(build_dir), "--target", ext.target, "-j", jobs], check=True)
 
         built = build_dir / f"lib{ext.target}.so"
+        check_shared_cxx_runtime(built)
         destination = Path(self.get_ext_fullpath(ext.name))
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(built, destination)

@@ -86,12 +86,25 @@ void check_positions(const char* op, const at::Tensor& q, const at::Tensor& posi
               seq, ") or (seq,) = (", seq, "); got ", positions.sym_sizes());
 }
 
+// The CUDA kernels' limits. Checked here, for every backend, so that fake CUDA tensors
+// (torch.compile, torch.export) are refused at trace time with the message real ones get.
+void check_cuda_limits(const char* op, const at::Tensor& q) {
+  if (!q.is_cuda()) {
+    return;
+  }
+  TORCH_CHECK(q.scalar_type() != at::kDouble, op, ": q and k of dtype ", q.scalar_type(),
+              " are not supported on CUDA (float16, bfloat16 and float32 are; float64 runs on the CPU)");
+  TORCH_CHECK(q.sym_size(3) <= 256, op, ": head_dim above 256 is not supported on CUDA (got ", q.sym_size(3),
+              "; the CPU backend has no such limit)");
+}
+
 }  // namespace
 
 RopeInputs check_and_normalize(const char* op, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& cos, const at::Tensor& sin,
                                const std::optional<at::Tensor>& positions) {
   check_qk(op, q, k);
+  check_cuda_limits(op, q);
   const c10::SymInt head_dim = q.sym_size(3);
   const at::Tensor cos2 = squeeze_leading_ones(op, "cos", cos);
   const at::Tensor sin2 = squeeze_leading_ones(op, "sin", sin);

@@ -19,12 +19,12 @@ std::tuple<at::Tensor, at::Tensor> rotate_on_cuda(const char* op, const at::Tens
   // Validation first: it also establishes that every tensor is on q's device, which the guard
   // below relies on.
   const RopeInputs in = check_and_normalize(op, q, k, cos, sin, positions);
-  check_supported_on_cuda(op, in);
   // c10::DeviceGuard on a CUDA device is c10::cuda::CUDAGuard reached through the guard
   // implementation torch registers; unlike CUDAGuard's inline code it references no CUDA runtime
   // symbol, so this library needs neither c10_cuda nor cudart at link time.
   const c10::DeviceGuard device_guard(in.q.device());
-  auto [q_out, k_out] = allocate_outputs(in.q, in.k);
+  // From the caller's q and k (not their normalized views), as on every other backend.
+  auto [q_out, k_out] = allocate_outputs(q, k);
   launch_rope(op, in, q_out, k_out, sin_sign);
   return {q_out, k_out};
 }
