@@ -92,7 +92,7 @@ class BuildWithCMake(build_ext):
         if cuda_root:
             configure.append(f"-DCUDAToolkit_ROOT={cuda_root}")
             configure.append(f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_root}")
-        for option in ("ROPE_WITH_CUDA", "ROPE_CUDA_ARCHS", "ROPE_AOT_JOBS"):
+        for option in ("ROPE_WITH_CUDA", "ROPE_CUDA_ARCHS", "ROPE_AOT_JOBS", "ROPE_AOT_CACHE_DIR"):
             if option in os.environ:
                 configure.append(f"-D{option}={os.environ[option]}")
         subprocess.run(configure, check=True)

@@ -5,6 +5,9 @@
 find_package(Python3 REQUIRED COMPONENTS Interpreter)
 
 set(ROPE_AOT_DIR "${CMAKE_CURRENT_BINARY_DIR}/aot")
+# Compiled variants are cached by content (kernel source, Triton version, arch, spec), written
+# atomically, so one cache can be shared by several build trees.
+set(ROPE_AOT_CACHE_DIR "${CMAKE_CURRENT_BINARY_DIR}/aot_cache" CACHE PATH "Cache of compiled kernel variants")
 set(ROPE_AOT_TABLE_SOURCE "${ROPE_AOT_DIR}/rope_kernel_table.cpp")
 string(REPLACE ";" "," _rope_archs "${ROPE_CUDA_ARCHS}")
 set(_rope_aot_jobs)
@@ -17,7 +20,7 @@ endif()
 # byproducts rewritten only when their content changes, so nothing downstream recompiles needlessly.
 add_custom_target(rope_aot_kernels
   COMMAND "${Python3_EXECUTABLE}" "${CMAKE_CURRENT_SOURCE_DIR}/kernels/build_aot.py"
-          --out-dir "${ROPE_AOT_DIR}" --cache-dir "${CMAKE_CURRENT_BINARY_DIR}/aot_cache"
+          --out-dir "${ROPE_AOT_DIR}" --cache-dir "${ROPE_AOT_CACHE_DIR}"
           --archs "${_rope_archs}" ${_rope_aot_jobs}
   BYPRODUCTS "${ROPE_AOT_TABLE_SOURCE}" "${ROPE_AOT_DIR}/aot_manifest.json"
   COMMENT "Compiling the Triton kernels ahead of time (sm ${_rope_archs})"
