@@ -70,7 +70,7 @@ def train(device: torch.device, rows: slice, args: argparse.Namespace, ddp: bool
     return losses
 
 
-def compare(ddp: List[float], single: List[float], rtol: float) -> float:
+def compare(ddp: List[float], single: List[float]) -> float:
     """Prints the curves side by side; returns the largest relative difference."""
     print(f"{'step':>4}  {'ddp loss':>12}  {'single loss':>12}  {'rel. diff':>9}")
     worst = 0.0
@@ -106,7 +106,7 @@ def main() -> int:
         return 0
 
     single_losses = train(device, slice(None), args, ddp=False)
-    worst = compare(ddp_losses, single_losses, args.rtol)
+    worst = compare(ddp_losses, single_losses)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"ddp": ddp_losses, "single": single_losses, "max_rel_diff": worst,
