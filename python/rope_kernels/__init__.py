@@ -11,13 +11,17 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from ._dtensor_hook import install as _install_dtensor_sharding
+from ._dtensor_hook import register_dtensor_sharding
 from ._loader import load_op_library
 
 __version__ = (Path(__file__).resolve().parent / "VERSION").read_text().strip()
 
 load_op_library()
+# DTensor arguments: the sharding rule is registered once torch.distributed.tensor is imported.
+_install_dtensor_sharding()
 
-__all__ = ["fused_qk", "build_info", "__version__"]
+__all__ = ["fused_qk", "build_info", "register_dtensor_sharding", "__version__"]
 
 
 def fused_qk(

@@ -1,0 +1,214 @@
+"""The op on DTensors equals the op on the whole tensors, and tensor parallelism around it works.
+
+    torchrun --nproc-per-node 2 tests/distributed/dtensor_check.py --backend gloo   # CPU processes
+    torchrun --nproc-per-node 2 tests/distributed/dtensor_check.py --backend nccl   # a GPU per process
+
+1. fused_qk and its backward on q/k sharded over batch, heads or sequence (cos/sin replicated,
+   positions sharded like the tokens): values and gradients equal the float64 reference and the
+   op on the unsharded tensors, and the outputs keep the inputs' sharding (no gathering).
+2. Tensor parallelism of an attention block (projections split by heads): the same output and
+   input gradient as the block on one process.
+Exit status 0 when every check passes; rank 0 prints one line per check.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import List, Optional, Tuple
+
+# NVLink multicast stays off: it must be decided before NCCL creates a communicator.
+os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import rope_kernels  # noqa: E402,F401  (imported before DTensor on purpose: the rule must still be registered)
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh  # noqa: E402
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module  # noqa: E402
+from torch.distributed.tensor.placement_types import Placement  # noqa: E402
+
+# This directory (tiny_llama) and the tests directory (rope_reference).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
+from rope_reference import (RopeCase, assert_close_to_reference, make_args, reference_fused_qk,  # noqa: E402
+                            tolerance)
+from tiny_llama import Attention, TinyLlamaConfig, rope_tables  # noqa: E402
+
+R = Replicate()
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+    name: str
+    q: Placement
+    k: Placement
+    positions: Placement  # for (B, S) positions; (S,) positions are handled in positions_placement
+    outputs: Optional[Tuple[Placement, Placement]]  # None: not asserted (the op needs a gathered input)
+
+
+SHARDINGS = [
+    Sharding("batch", Shard(0), Shard(0), Shard(0), (Shard(0), Shard(0))),
+    Sharding("heads", Shard(1), Shard(1), R, (Shard(1), Shard(1))),
+    Sharding("q heads, k replicated", Shard(1), R, R, (Shard(1), R)),
+    Sharding("sequence", Shard(2), Shard(2), Shard(1), (Shard(2), Shard(2))),
+    # Positions given whole: DTensor cuts each rank's part locally, still no gathering of q/k.
+    Sharding("sequence, positions replicated", Shard(2), Shard(2), R, (Shard(2), Shard(2))),
+    Sharding("replicated", R, R, R, (R, R)),
+]
+
+POSITIONS = ("bs:int64", "s:int32", "none")
+
+
+def positions_placement(sharding: Sharding, positions: str) -> Placement:
+    """(S,) positions have no batch dimension: replicated for a batch split, dim 0 for a sequence one."""
+    if positions.startswith("s:") and isinstance(sharding.positions, Shard):
+        return Shard(0) if sharding.q == Shard(2) else R
+    return sharding.positions
+
+
+def expected_outputs(sharding: Sharding, positions: str) -> Optional[Tuple[Placement, Placement]]:
+    # A sequence shard without positions would restart at table row 0 on every rank: the rule
+    # refuses it and DTensor gathers the sequence first, so only the values are checked.
+    if positions == "none" and sharding.q == Shard(2):
+        return None
+    return sharding.outputs
+
+
+def within_one_rounding(dtype: torch.dtype) -> dict:
+    """Tolerance between two results that are each within half an ulp of the exact value (other
+    kernel variants may be picked for the shards' layouts): one ulp."""
+    tol = tolerance(dtype)
+    return {"rtol": 2 * tol["rtol"], "atol": 2 * tol["atol"]}
+
+
+def check_sharded_op(mesh, device: str, dtype: torch.dtype, sharding: Sharding, positions: str, seed: int) -> None:
+    torch.manual_seed(seed)  # the same global tensors on every rank
+    # Uneven splits on purpose: batch 3 and sequence 7 do not divide by 2.
+    case = RopeCase(batch=3, heads_q=4, heads_k=2, seq=7, head_dim=32, dtype=dtype, layout="bshd",
+                    positions=positions)
+    args = make_args(case, device)
+    grads = make_args(case, device)  # random output gradients of the same shapes
+    whole = torch.ops.rope.fused_qk(*args)
+    q = distribute_tensor(args.q, mesh, [sharding.q]).requires_grad_()
+    k = distribute_tensor(args.k, mesh, [sharding.k]).requires_grad_()
+    cos = distribute_tensor(args.cos, mesh, [R])
+    sin = distribute_tensor(args.sin, mesh, [R])
+    pos = None if args.positions is None else distribute_tensor(args.positions, mesh,
+                                                                [positions_placement(sharding, positions)])
+    q_out, k_out = torch.ops.rope.fused_qk(q, k, cos, sin, pos)
+    assert isinstance(q_out, DTensor) and isinstance(k_out, DTensor)
+    wanted = expected_outputs(sharding, positions)
+    if wanted is not None:
+        got = (tuple(q_out.placements), tuple(k_out.placements))
+        assert got == ((wanted[0],), (wanted[1],)), f"output placements {got}, expected {wanted}"
+    for out, one_device, ref in zip((q_out, k_out), whole, reference_fused_qk(args)):
+        full = out.full_tensor()
+        assert_close_to_reference(full, ref, dtype)
+        torch.testing.assert_close(full, one_device, **within_one_rounding(dtype))
+
+    # Backward: fused_qk_backward on the output gradients, placed like the outputs.
+    grad_q_out = distribute_tensor(grads.q, mesh, q_out.placements)
+    grad_k_out = distribute_tensor(grads.k, mesh, k_out.placements)
+    grad_q, grad_k = torch.autograd.grad((q_out, k_out), (q, k), (grad_q_out, grad_k_out))
+    reference = reference_fused_qk(grads._replace(cos=args.cos, sin=args.sin, positions=args.positions),
+                                   inverse=True)
+    for grad, leaf, ref in zip((grad_q, grad_k), (q, k), reference):
+        if wanted is not None:  # the backward rule kept the sharding too
+            assert tuple(grad.placements) == tuple(leaf.placements), f"gradient placements {grad.placements}"
+        assert_close_to_reference(grad.full_tensor(), ref, dtype)
+
+
+def check_tensor_parallel_attention(mesh, device: str, dtype: torch.dtype) -> None:
+    """Heads split over the ranks (q/k/v projections by columns, the output one by rows): the op
+    sees each rank's heads; the result is the one-process block's."""
+    config = TinyLlamaConfig(heads_q=4, heads_k=2, head_dim=16, dim=64)
+    torch.manual_seed(1)
+    block = Attention(config).to(device=device, dtype=dtype)
+    parallel = Attention(config).to(device=device, dtype=dtype)
+    parallel.load_state_dict(block.state_dict())
+    parallelize_module(parallel, mesh, {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(),
+                                        "v_proj": ColwiseParallel(), "o_proj": RowwiseParallel()})
+    cos, sin = (t.to(device) for t in rope_tables(config))
+    x = torch.randn(2, 9, config.dim, device=device, dtype=dtype, requires_grad=True)
+    positions = torch.randint(0, config.max_positions, (2, 9), device=device)
+    expected = block(x, cos, sin, positions)
+    (expected_grad,) = torch.autograd.grad(expected, x, torch.ones_like(expected))
+    got = parallel(x, cos, sin, positions)
+    (got_grad,) = torch.autograd.grad(got, x, torch.ones_like(got))
+    # The output projection sums partial products across ranks: a few ulps of reordering.
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    torch.testing.assert_close(got, expected, **tol)
+    torch.testing.assert_close(got_grad, expected_grad, **tol)
+
+
+def check_dtensor_heads_from_projection(mesh, device: str, dtype: torch.dtype) -> None:
+    """q/k kept as DTensors out of column-parallel projections: after view and transpose they are
+    sharded over heads, and the op keeps them so."""
+    config = TinyLlamaConfig(heads_q=4, heads_k=2, head_dim=16, dim=64)
+    torch.manual_seed(2)
+    q_proj = torch.nn.Linear(config.dim, config.heads_q * config.head_dim, bias=False).to(device=device, dtype=dtype)
+    k_proj = torch.nn.Linear(config.dim, config.heads_k * config.head_dim, bias=False).to(device=device, dtype=dtype)
+    x = torch.randn(2, 9, config.dim, device=device, dtype=dtype)
+    cos, sin = (t.to(device) for t in rope_tables(config))
+    positions = torch.randint(0, config.max_positions, (2, 9), device=device)
+    whole = [proj(x).view(2, 9, -1, config.head_dim).transpose(1, 2) for proj in (q_proj, k_proj)]
+    expected = torch.ops.rope.fused_qk(whole[0], whole[1], cos, sin, positions)
+    for proj in (q_proj, k_proj):
+        parallelize_module(proj, mesh, ColwiseParallel(use_local_output=False))
+    x_dt = distribute_tensor(x, mesh, [R])
+    q, k = (proj(x_dt).view(2, 9, -1, config.head_dim).transpose(1, 2) for proj in (q_proj, k_proj))
+    assert tuple(q.placements) == (Shard(1),), f"q placements {q.placements}"
+    table = [distribute_tensor(t, mesh, [R]) for t in (cos, sin, positions)]
+    q_out, k_out = torch.ops.rope.fused_qk(q, k, *table)
+    assert tuple(q_out.placements) == (Shard(1),) and tuple(k_out.placements) == (Shard(1),)
+    # The split projections may round differently from the whole one (another GEMM algorithm).
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(q_out.full_tensor(), expected[0], **tol)
+    torch.testing.assert_close(k_out.full_tensor(), expected[1], **tol)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=["nccl", "gloo"], required=True,
+                        help="nccl: one GPU per process (cuda:LOCAL_RANK); gloo: CPU")
+    args = parser.parse_args(argv)
+    if "RANK" not in os.environ:
+        print("run under torchrun (torchrun --nproc-per-node 2 ...)", file=sys.stderr)
+        return 2
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if args.backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device, dtypes = "cuda", [torch.bfloat16, torch.float32]
+    else:
+        device, dtypes = "cpu", [torch.float32, torch.float64]
+    dist.init_process_group(args.backend)
+    mesh = init_device_mesh(device, (world,))
+
+    def report(line: str) -> None:
+        if rank == 0:
+            print(line, flush=True)
+
+    seed = 0
+    for dtype in dtypes:
+        for sharding in SHARDINGS:
+            for positions in POSITIONS:
+                seed += 1
+                check_sharded_op(mesh, device, dtype, sharding, positions, seed)
+            report(f"dtensor {str(dtype).replace('torch.', '')} {sharding.name}: ok")
+    # Whole-model checks in full precision (float32 on a GPU, TF32 off): the split matmuls differ
+    # from the whole ones only by summation order.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model_dtype = torch.float32 if device == "cuda" else torch.float64
+    check_tensor_parallel_attention(mesh, device, model_dtype)
+    report(f"tensor-parallel attention ({world} ranks, heads split): ok")
+    check_dtensor_heads_from_projection(mesh, device, model_dtype)
+    report("column-parallel projections kept as DTensors, rotated without gathering: ok")
+    dist.destroy_process_group()
+    report(f"DTensor checks on {world} x {device} ({args.backend}): all ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
