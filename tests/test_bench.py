@@ -4,6 +4,7 @@ functional run of `python -m bench --device cpu --smoke` end to end (the GPU run
 in bench/NOTES.md; its timings need the GPU, its code paths do not)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,8 +23,8 @@ if str(REPO_ROOT) not in sys.path:
 from bench.candidates import Candidate, Eager, Outputs, hf_apply_rotary_pos_emb  # noqa: E402
 from bench.measure import measure_workload  # noqa: E402
 from bench.reference import check_rotation  # noqa: E402
-from bench.timing import (SMOKE, CpuTimer, MeasurementError, kernel_us_per_call, split_at_markers,  # noqa: E402
-                          without_spans)
+from bench.timing import (SMOKE, CpuTimer, CudaTimer, Figure, MeasurementError, kernel_us_per_call,  # noqa: E402
+                          split_at_markers, without_spans)
 from bench.workloads import Inputs, make_inputs, workload_by_name  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -136,3 +137,61 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     assert "error" not in cold, cold
     assert cold["first_call_ms"] > 0 and cold["files_compiled"] == 0  # nothing compiled at run time
     assert "| workload |" in (out / "results.md").read_text()
+
+
+class ScriptedTimer(CudaTimer):
+    """CudaTimer's bookkeeping over a scripted device timeline instead of a GPU and a profiler:
+    the marker, the flush and each call append the events a profiler would report."""
+
+    def __init__(self) -> None:  # no GPU: only the fields the bookkeeping uses
+        self.settings = dataclasses.replace(SMOKE, kernel_calls=3)
+        self.timeline: list = []
+        self.clock = 0.0
+        self.profiler_error = None
+        self._calibrate()
+
+    def launch(self, name: str, duration: float) -> None:
+        self.timeline.append((name, self.clock, duration))
+        self.clock += duration + 1.0
+
+    def synchronize(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        self.launch("FillFunctor<unsigned char>", 50.0)
+
+    def _marker(self) -> None:
+        self.launch("FillFunctor<short>", 1.0)
+
+    def _profile(self, body: Any) -> list:
+        self.timeline = []
+        body()
+        return list(self.timeline)
+
+
+def test_kernel_times_bookkeeping() -> None:
+    timer = ScriptedTimer()
+
+    def failing() -> None:
+        timer.launch("partial", 1.0)
+        raise RuntimeError("broken")
+
+    figures = [Figure("floor", lambda: timer.launch("copy", 4.0)),
+               Figure("two-kernels", lambda: (timer.launch("mul", 2.0), timer.launch("add", 3.0))),
+               Figure("broken", failing),
+               # a kernel named like the flush cannot be told apart from it: refused, not guessed
+               Figure("flush-alike", lambda: timer.launch("FillFunctor<unsigned char>", 2.0))]
+    times = timer.kernel_times(figures)
+    assert times["floor"] == pytest.approx(4.0)
+    assert times["two-kernels"] == pytest.approx(5.0)
+    assert "broken" in str(times["broken"])
+    assert "cannot separate" in str(times["flush-alike"])
+
+
+def test_kernel_times_survive_a_marker_alike_kernel() -> None:
+    timer = ScriptedTimer()
+    figures = [Figure("floor", lambda: timer.launch("copy", 4.0)),
+               Figure("marker-alike", lambda: timer.launch("FillFunctor<short>", 2.0))]
+    times = timer.kernel_times(figures)  # segments no longer match: one session per figure
+    assert times["floor"] == pytest.approx(4.0)
+    assert "segments" in str(times["marker-alike"])
