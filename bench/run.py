@@ -222,6 +222,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> Dict[str, Any]:
         for candidate, unavailable in candidates:
             if unavailable is not None:
                 continue
+            if out_of_time():
+                cold["results"][candidate.key] = {"error": "skipped (time limit)"}
+                continue
             entry = cold_start.measure(candidate.key, args.cold_start_workload, args.device, args.smoke)
             cold["results"][candidate.key] = entry
             log("cold start {:<14} {}".format(candidate.label, entry.get("error") or

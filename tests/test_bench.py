@@ -176,8 +176,12 @@ def test_kernel_times_bookkeeping() -> None:
         timer.launch("partial", 1.0)
         raise RuntimeError("broken")
 
+    def two_kernels() -> None:
+        timer.launch("mul", 2.0)
+        timer.launch("add", 3.0)
+
     figures = [Figure("floor", lambda: timer.launch("copy", 4.0)),
-               Figure("two-kernels", lambda: (timer.launch("mul", 2.0), timer.launch("add", 3.0))),
+               Figure("two-kernels", two_kernels),
                Figure("broken", failing),
                # a kernel named like the flush cannot be told apart from it: refused, not guessed
                Figure("flush-alike", lambda: timer.launch("FillFunctor<unsigned char>", 2.0))]
