@@ -171,6 +171,8 @@ def headline(results: Dict[str, Any]) -> str:
 def failures(results: Dict[str, Any]) -> List[str]:
     lines = []
     for workload in results["workloads"]:
+        if workload.get("skipped"):
+            lines.append("{}: skipped: {}".format(workload["name"], workload["skipped"]))
         for key, entry in workload.get("candidates", {}).items():
             if entry.get("status") in ("failed check", "error"):
                 lines.append("{} / {}: {}: {}".format(workload["name"], entry.get("label", key),

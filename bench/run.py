@@ -208,9 +208,14 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> Dict[str, Any]:
             log("{}: skipped (time limit)".format(workload.name))
             continue
         log("{}: {} ({:.1f} MB moved)".format(workload.name, workload.describe(), workload.bytes_moved / 1e6))
-        record = measure_workload(workload, candidates, timer, log)
+        try:
+            record = measure_workload(workload, candidates, timer, log)
+        except Exception as error:  # noqa: BLE001  (keep the other workloads' figures)
+            record = {"name": workload.name, "skipped": "error: {}: {}".format(type(error).__name__, error)}
+            log("  " + record["skipped"])
+        else:
+            log(_workload_line(record))
         results["workloads"].append(record)
-        log(_workload_line(record))
         write_json(results, out / "results.json")
         _free_memory(device)
 
