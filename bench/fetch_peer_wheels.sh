@@ -4,8 +4,8 @@
 # torch and triton, are already where the benchmark runs, so the wheel is fetched without them.
 #
 #   here:       bash bench/fetch_peer_wheels.sh            (PYTHON=... to pick the pip)
-#   there:      python3 -m pip install --no-index --no-deps --target /tmp/peers .whl/*.whl
-#               PYTHONPATH=/tmp/peers python3 -m bench --out results
+#   there:      python3 -m pip install --no-index --no-deps --target peer-packages .whl/*.whl
+#               PYTHONPATH=peer-packages python3 -m bench --out results
 #
 # With an index at hand, `pip install liger-kernel==VERSION` does the same.
 set -euo pipefail

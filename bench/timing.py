@@ -3,7 +3,7 @@
 - kernel time: the device time of every kernel, copy and fill one call runs, summed from
   torch.profiler over `kernel_calls` calls with the L2 cache flushed (a 256 MB zero_()) before
   each call, the flush's own kernel left out. All figures of a workload share one profiler
-  session: a one-element int16 fill, a kernel no candidate runs, marks where each figure's calls
+  profile: a one-element int16 fill, a kernel no candidate runs, marks where each figure's calls
   begin and end on the device timeline.
 - wall time: triton.testing.do_bench(fn, return_mode="median")'s procedure, written out so that
   it needs no Triton: CUDA events around each call, the flush enqueued before each start event.
@@ -68,7 +68,7 @@ class Figure:
 
 
 def device_events(prof: Any) -> List[DeviceEvent]:
-    """The device activities (kernels, copies, fills) of a finished profiler session, in
+    """The device activities (kernels, copies, fills) of a finished profile, in
     start order. User annotations also appear on the device timeline: they are not work."""
     cuda = torch._C._autograd.DeviceType.CUDA
     events = []
@@ -207,7 +207,7 @@ class CudaTimer:
 
         segments = split_at_markers(self._profile(run_all), self._marker_name)
         if len(segments) != len(figures):
-            if len(figures) > 1:  # something in a call disturbed the markers: one session each
+            if len(figures) > 1:  # something in a call disturbed the markers: one profile each
                 results: Dict[str, Measured] = {}
                 for figure in figures:
                     results.update(self.kernel_times([figure]))

@@ -196,6 +196,6 @@ def test_kernel_times_survive_a_marker_alike_kernel() -> None:
     timer = ScriptedTimer()
     figures = [Figure("floor", lambda: timer.launch("copy", 4.0)),
                Figure("marker-alike", lambda: timer.launch("FillFunctor<short>", 2.0))]
-    times = timer.kernel_times(figures)  # segments no longer match: one session per figure
+    times = timer.kernel_times(figures)  # segments no longer match: one profile per figure
     assert times["floor"] == pytest.approx(4.0)
     assert "segments" in str(times["marker-alike"])
