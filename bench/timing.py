@@ -2,8 +2,8 @@
 
 - kernel time: the device time of every kernel, copy and fill one call runs, summed from
   torch.profiler over `kernel_calls` calls with the L2 cache flushed (a 256 MB zero_()) before
-  each call, the flush's own kernel left out. All figures of a workload share one profiler
-  profile: a one-element int16 fill, a kernel no candidate runs, marks where each figure's calls
+  each call, the flush's own kernel left out. All figures of a workload share one profile:
+  a one-element int16 fill, a kernel no candidate runs, marks where each figure's calls
   begin and end on the device timeline.
 - wall time: triton.testing.do_bench(fn, return_mode="median")'s procedure, written out so that
   it needs no Triton: CUDA events around each call, the flush enqueued before each start event.
