@@ -1,0 +1,42 @@
+# The installed C++ package: a C++ project writes
+#   find_package(RopeKernels REQUIRED)
+#   target_link_libraries(app PRIVATE RopeKernels::rope_kernels)
+# and its program can call rope_kernels::fused_qk (rope_kernels/rope_kernels.h) or load TorchScript
+# and AOTInductor models that use the rope ops.
+include(CMakePackageConfigHelpers)
+
+# Linking must be enough to register the ops. The ops are registered by static objects of the
+# library when it loads, and callers reach them by name through the dispatcher, so no caller refers
+# to a symbol of the library: a linker running with --as-needed (the default of several Linux
+# distributions) would leave it out of the program, and the ops would be missing at run time.
+# RopeKernels::rope_kernels names the library once more behind --no-as-needed, as torch's own
+# CMake targets do for libtorch_cpu and libtorch_cuda; one comma-joined item keeps the three linker
+# arguments together and in order on the link line.
+add_library(rope_kernels INTERFACE)
+if(CMAKE_SYSTEM_NAME STREQUAL "Linux")
+  target_link_libraries(rope_kernels INTERFACE
+      "-Wl,--no-as-needed,$<TARGET_FILE:$<TARGET_NAME:rope_kernels_ops>>,--as-needed")
+endif()
+target_link_libraries(rope_kernels INTERFACE rope_kernels_ops)
+set_target_properties(rope_kernels_ops PROPERTIES EXPORT_NAME rope_kernels_ops)
+
+# At install, the library keeps finding the libtorch it was linked with (its directory is outside
+# this build tree, so it goes into the install RPATH). setup.py skips RPATHs altogether: in the
+# wheel the library finds torch through the torch Python package, which is loaded first.
+set_target_properties(rope_kernels_ops PROPERTIES INSTALL_RPATH_USE_LINK_PATH ON)
+
+set(ROPE_CMAKE_PACKAGE_DIR "${CMAKE_INSTALL_LIBDIR}/cmake/RopeKernels")
+install(TARGETS rope_kernels_ops rope_kernels EXPORT RopeKernelsTargets
+        LIBRARY DESTINATION "${CMAKE_INSTALL_LIBDIR}")
+install(DIRECTORY csrc/include/rope_kernels DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}")
+install(EXPORT RopeKernelsTargets NAMESPACE RopeKernels:: DESTINATION "${ROPE_CMAKE_PACKAGE_DIR}")
+
+configure_package_config_file(cmake/RopeKernelsConfig.cmake.in
+    "${CMAKE_CURRENT_BINARY_DIR}/RopeKernelsConfig.cmake"
+    INSTALL_DESTINATION "${ROPE_CMAKE_PACKAGE_DIR}")
+# torch's C++ ABI changes between minor releases, and so does ours with it.
+write_basic_package_version_file("${CMAKE_CURRENT_BINARY_DIR}/RopeKernelsConfigVersion.cmake"
+    VERSION "${PROJECT_VERSION}" COMPATIBILITY SameMinorVersion)
+install(FILES "${CMAKE_CURRENT_BINARY_DIR}/RopeKernelsConfig.cmake"
+              "${CMAKE_CURRENT_BINARY_DIR}/RopeKernelsConfigVersion.cmake"
+        DESTINATION "${ROPE_CMAKE_PACKAGE_DIR}")
