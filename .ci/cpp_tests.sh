@@ -15,10 +15,14 @@ tests_dir=build/cpp/tests
 jobs=${MAX_JOBS:-2}
 torch_prefix=$("$PYTHON" -c "import torch; print(torch.utils.cmake_prefix_path)")
 
+python_executable=$("$PYTHON" -c 'import sys; print(sys.executable)')
+
 if [ ! -f "$build_dir/CMakeCache.txt" ]; then
   echo "cpp_tests: no library build in $build_dir; configuring one"
   cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-        -DCMAKE_PREFIX_PATH="$torch_prefix" -DPython3_EXECUTABLE="$("$PYTHON" -c 'import sys; print(sys.executable)')"
+        -DCMAKE_PREFIX_PATH="$torch_prefix" -DPython3_EXECUTABLE="$python_executable" \
+        ${CUDA_HOME:+-DCUDAToolkit_ROOT="$CUDA_HOME" -DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME"} \
+        ${ROPE_AOT_CACHE_DIR:+-DROPE_AOT_CACHE_DIR="$ROPE_AOT_CACHE_DIR"}
 fi
 # Up to date after setup.py's build: this only checks (about a second for the kernel step).
 cmake --build "$build_dir" --target rope_kernels_ops -j "$jobs"
@@ -27,7 +31,7 @@ cmake --install "$build_dir" --prefix "$install_prefix"
 
 # The CUDA toolkit the library was configured with: torch's CMake config of a CUDA build needs
 # one too, and finds it through both of these variables (the second for its FindCUDA).
-cuda_root=$(sed -n 's/^CUDAToolkit_ROOT:[A-Z]*=//p' "$build_dir/CMakeCache.txt")
+cuda_root=$(sed -n 's/^CUDAToolkit_ROOT:[A-Z]*=//p' "$build_dir/CMakeCache.txt" | head -n 1)
 cuda_args=()
 if [ -n "$cuda_root" ]; then
   cuda_args=(-DCUDAToolkit_ROOT="$cuda_root" -DCUDA_TOOLKIT_ROOT_DIR="$cuda_root")
@@ -39,6 +43,6 @@ fi
 
 cmake -S tests/cpp -B "$tests_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
       -DCMAKE_PREFIX_PATH="$install_prefix;$torch_prefix" \
-      -DPython3_EXECUTABLE="$("$PYTHON" -c 'import sys; print(sys.executable)')" ${cuda_args[@]+"${cuda_args[@]}"}
+      -DPython3_EXECUTABLE="$python_executable" ${cuda_args[@]+"${cuda_args[@]}"}
 cmake --build "$tests_dir" -j "$jobs"
 ctest --test-dir "$tests_dir" --output-on-failure -j "$jobs"

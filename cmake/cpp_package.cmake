@@ -20,10 +20,13 @@ endif()
 target_link_libraries(rope_kernels INTERFACE rope_kernels_ops)
 set_target_properties(rope_kernels_ops PROPERTIES EXPORT_NAME rope_kernels_ops)
 
-# At install, the library keeps finding the libtorch it was linked with (its directory is outside
-# this build tree, so it goes into the install RPATH). setup.py skips RPATHs altogether: in the
-# wheel the library finds torch through the torch Python package, which is loaded first.
-set_target_properties(rope_kernels_ops PROPERTIES INSTALL_RPATH_USE_LINK_PATH ON)
+# Installed, the library finds the libtorch it was built against, and nothing else by RPATH
+# (torch's link directories include a few of its build machine's that mean nothing here).
+# setup.py skips RPATHs altogether: in the wheel the library finds torch's libraries through the
+# torch Python package, which is loaded first.
+if(NOT DEFINED CMAKE_INSTALL_RPATH)
+  set_target_properties(rope_kernels_ops PROPERTIES INSTALL_RPATH "${TORCH_INSTALL_PREFIX}/lib")
+endif()
 
 set(ROPE_CMAKE_PACKAGE_DIR "${CMAKE_INSTALL_LIBDIR}/cmake/RopeKernels")
 install(TARGETS rope_kernels_ops rope_kernels EXPORT RopeKernelsTargets
