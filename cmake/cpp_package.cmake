@@ -11,14 +11,16 @@ include(CMakePackageConfigHelpers)
 # distributions) would leave it out of the program, and the ops would be missing at run time.
 # RopeKernels::rope_kernels names the library once more behind --no-as-needed, as torch's own
 # CMake targets do for libtorch_cpu and libtorch_cuda; one comma-joined item keeps the three linker
-# arguments together and in order on the link line.
+# arguments together and in order on the link line. ($<TARGET_NAME:...> makes the exported copy
+# name the imported target, RopeKernels::rope_kernels_ops.)
 add_library(rope_kernels INTERFACE)
 if(CMAKE_SYSTEM_NAME STREQUAL "Linux")
   target_link_libraries(rope_kernels INTERFACE
       "-Wl,--no-as-needed,$<TARGET_FILE:$<TARGET_NAME:rope_kernels_ops>>,--as-needed")
 endif()
 target_link_libraries(rope_kernels INTERFACE rope_kernels_ops)
-set_target_properties(rope_kernels_ops PROPERTIES EXPORT_NAME rope_kernels_ops)
+# The same name for projects that build this one inside their own (add_subdirectory).
+add_library(RopeKernels::rope_kernels ALIAS rope_kernels)
 
 # Installed, the library finds the libtorch it was built against, and nothing else by RPATH
 # (torch's link directories include a few of its build machine's that mean nothing here).
