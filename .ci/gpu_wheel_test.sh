@@ -5,9 +5,11 @@
 #
 #   bash .ci/gpu_wheel_test.sh            # PYTHON=python3: the python (and torch) to build for
 #
-# Nothing can be downloaded there, so the fresh environment is a venv that sees the system's
-# packages (--system-site-packages) for torch, Triton and pytest; the wheel goes into the venv
-# itself, which comes first on the path, and the script checks that it is the one imported.
+# Nothing can be downloaded there, so the fresh environment is a new venv that also sees the
+# packages of $PYTHON (torch, Triton, pytest), wherever they are: the system, a venv or conda
+# (`venv --system-site-packages` would see only the base interpreter's). The wheel goes into the
+# new venv's own site-packages, which come first on the path; the script checks that the
+# rope_kernels it imports is that one.
 # A warm build tree (ROPE_BUILD_DIR, default build/cmake, e.g. from an earlier
 # `pip install --no-build-isolation -e .`) makes the wheel build a matter of seconds.
 set -euo pipefail
@@ -33,12 +35,21 @@ wheel=$(ls "$work"/dist/*.whl)
 "$PYTHON" .ci/check_distributions.py --wheel "$wheel"
 "$PYTHON" python/rope_kernels/cubins.py "$wheel"
 
-step "fresh environment: a venv over the system's torch, with the wheel installed in it"
-"$PYTHON" -m venv --system-site-packages --without-pip "$work/venv"
+step "fresh environment: a venv over the packages of $PYTHON, with the wheel installed in it"
+"$PYTHON" -m venv --without-pip "$work/venv"
 venv_python="$work/venv/bin/python"
-# The venv's python runs the system's pip, which installs into the venv. No index: nothing to
-# download; no dependencies: torch is the system's, and pip check below tests the requirement.
-quietly "$venv_python" -m pip install --no-index --no-deps "$wheel"
+venv_site=$("$venv_python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+# A .pth file adds those directories after the venv's own, with their own .pth files processed.
+"$PYTHON" - > "$venv_site/_base_packages.pth" <<'EOF'
+import site
+dirs = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+for directory in dirs:
+    print(f"import site; site.addsitedir({directory!r})")
+EOF
+# The venv's python runs the base pip, which installs into the venv. No index: nothing to
+# download; no dependencies: torch is the base's, and pip check below tests the requirement;
+# --ignore-installed: a rope_kernels of the base environment is left alone (the venv's comes first).
+quietly "$venv_python" -m pip install --no-index --no-deps --ignore-installed "$wheel"
 if "$venv_python" -m pip check 2>/dev/null | grep -i "^rope-kernels"; then
   echo "error: the wheel's requirements are not met by this environment" >&2
   exit 1

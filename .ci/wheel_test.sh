@@ -37,7 +37,8 @@ quietly "$PYTHON" -m build --no-isolation --wheel --outdir "$work/build" .
 step "python -m build --no-isolation --sdist, and a wheel from the sdist"
 quietly "$PYTHON" -m build --no-isolation --sdist --outdir "$work/sdist" .
 sdist=$(ls "$work"/sdist/*.tar.gz)
-MAX_JOBS=${MAX_JOBS:-2} quietly "$PYTHON" -m pip wheel --no-build-isolation --no-deps "$sdist" -w "$work/from_sdist"
+# Its build directory is its own: the default one, inside the unpacked sdist.
+(unset ROPE_BUILD_DIR; MAX_JOBS=${MAX_JOBS:-2} quietly "$PYTHON" -m pip wheel --no-build-isolation --no-deps "$sdist" -w "$work/from_sdist")
 
 step "contents, metadata, and the op library's dynamic section"
 "$PYTHON" .ci/check_distributions.py --wheel "$wheel" --sdist "$sdist" --same-files-as "$work"/build/*.whl
