@@ -11,7 +11,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-version=$(cat python/rope_kernels/VERSION)
 build_dir=${ROPE_BUILD_DIR:-build/cmake}
 export ROPE_AOT_CACHE_DIR=${ROPE_AOT_CACHE_DIR:-$(realpath -m "$build_dir/aot_cache")}
 work=$(mktemp -d "${TMPDIR:-/tmp}/rope_wheel_test.XXXXXX")
@@ -69,8 +68,8 @@ in_venv() { (cd "$work" && env -i HOME="$work/home" PATH="$work/venv/bin" LANG=C
 
 in_venv python - <<'EOF'
 import importlib.metadata, pathlib, shutil, sys
-missing = [tool for tool in ("cc", "c++", "gcc", "g++", "clang", "nvcc", "ptxas") if shutil.which(tool)]
-assert not missing, f"compilers on PATH: {missing}"
+found = [tool for tool in ("cc", "c++", "gcc", "g++", "clang", "nvcc", "ptxas") if shutil.which(tool)]
+assert not found, f"compilers on PATH: {found}"
 try:
     import triton
     sys.exit(f"triton is importable from {triton.__file__}")
