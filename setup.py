@@ -27,11 +27,14 @@ class CMakeLibrary(Extension):
 
 
 def torch_build_requirement() -> str:
-    """The torch series the library is built for: its C++ ABI changes between minor releases."""
+    """The torch series the library is built for: its C++ ABI changes between minor releases.
+
+    `==2.14.*` matches every 2.14 release, whatever its local label (+cu130, +cpu), and nothing else.
+    """
     import torch
 
     major, minor = torch.__version__.split("+")[0].split(".")[:2]
-    return f"torch>={major}.{minor},<{major}.{int(minor) + 1}"
+    return f"torch=={major}.{minor}.*"
 
 
 def find_cuda_toolkit() -> str | None:
@@ -125,5 +128,7 @@ setup(
     install_requires=[torch_build_requirement()],
     ext_modules=[CMakeLibrary("rope_kernels._ops", target="rope_kernels_ops")],
     cmdclass={"build_ext": BuildWithCMake},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    # The library uses no Python C API at all, so one wheel serves every CPython that the
+    # required torch supports (3.10 and later for the torch releases this builds against).
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

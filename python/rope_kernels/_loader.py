@@ -3,10 +3,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Dict, Optional
 
 import torch
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
+
+# How to get a matching build, said the same way by every message below.
+_HOW_TO_FIX = (
+    "install torch {series}.x (pip install 'torch=={series}.*'), or install the rope_kernels wheel "
+    "built for torch {installed_series}, or build rope_kernels from source against the installed "
+    "torch (pip install --no-build-isolation --no-deps <rope_kernels source directory>)"
+)
 
 
 def _series(version: str) -> str:
@@ -14,27 +22,52 @@ def _series(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
 
 
-def _check_torch_series() -> None:
+def _built_with() -> Dict[str, Optional[str]]:
+    """What setup.py recorded next to the library: the torch and CUDA versions it was built with."""
     record = _PACKAGE_DIR / "_built_with.json"
     if not record.exists():
         raise ImportError(
             "rope_kernels: the compiled op library is missing (no build record in "
             f"{_PACKAGE_DIR}); build it with `pip install --no-build-isolation .`"
         )
-    built = json.loads(record.read_text())["torch"]
-    if _series(built) != _series(torch.__version__):
+    return json.loads(record.read_text())
+
+
+def _check_torch_series(built_torch: str) -> None:
+    # Checked before the library is loaded: a library built for another torch series fails to
+    # load with an undefined C++ symbol, or loads and crashes later; neither says what to do.
+    if _series(built_torch) != _series(torch.__version__):
         raise ImportError(
-            f"rope_kernels: this build was compiled against torch {built}, but torch "
-            f"{torch.__version__} is installed; install torch {_series(built)}.x, or rebuild "
-            "rope_kernels against the installed torch with `pip install --no-build-isolation "
-            "--force-reinstall --no-deps .` (or the wheel made for your torch)"
+            f"rope_kernels: this build was compiled against torch {built_torch}, but torch "
+            f"{torch.__version__} is installed; "
+            + _HOW_TO_FIX.format(series=_series(built_torch), installed_series=_series(torch.__version__))
         )
 
 
-def load_op_library() -> Path:
-    _check_torch_series()
+def op_library_path() -> Path:
+    """The op library shipped in this package (an editable install keeps it in the source tree)."""
     libraries = sorted(_PACKAGE_DIR.glob("_ops*.so"))
     if not libraries:
         raise ImportError(f"rope_kernels: the compiled op library (_ops*.so) is missing in {_PACKAGE_DIR}")
-    torch.ops.load_library(str(libraries[0]))
     return libraries[0]
+
+
+def load_op_library() -> Path:
+    built = _built_with()
+    _check_torch_series(str(built["torch"]))
+    library = op_library_path()
+    try:
+        torch.ops.load_library(str(library))
+    except OSError as error:
+        # A build with GPU kernels links torch's CUDA runtime library; a CPU-only torch of the
+        # right series lacks it, and the loader's "cannot open shared object file" hides why.
+        if built.get("cuda") and torch.version.cuda is None:
+            raise ImportError(
+                f"rope_kernels: this build has GPU kernels and needs a CUDA build of torch "
+                f"{_series(built['torch'])} (it was built with torch {built['torch']}, CUDA "
+                f"{built['cuda']}), but the installed torch {torch.__version__} has no CUDA support; "
+                "install a CUDA build of that torch, or build rope_kernels from source against the "
+                "installed torch (pip install --no-build-isolation --no-deps <rope_kernels source directory>)"
+            ) from error
+        raise
+    return library
