@@ -17,7 +17,31 @@ __version__ = (Path(__file__).resolve().parent / "VERSION").read_text().strip()
 
 load_op_library()
 
-__all__ = ["fused_qk", "build_info", "__version__"]
+# Imported after the op library is loaded: they call torch.ops.rope.
+from .hf_compat import apply_rotary_pos_emb  # noqa: E402
+from .transformers_patch import (  # noqa: E402
+    TransformersPatch,
+    patch_transformers,
+    patched_modules,
+    unpatch_transformers,
+)
+from .unsloth_compat import fast_rope_embedding, inplace_rope_embedding  # noqa: E402
+
+__all__ = [
+    "fused_qk",
+    "fused_qk_",
+    "build_info",
+    "__version__",
+    # Unsloth's API
+    "fast_rope_embedding",
+    "inplace_rope_embedding",
+    # Hugging Face transformers
+    "apply_rotary_pos_emb",
+    "patch_transformers",
+    "unpatch_transformers",
+    "patched_modules",
+    "TransformersPatch",
+]
 
 
 def fused_qk(
@@ -35,6 +59,22 @@ def fused_qk(
     tensors laid out like q and k. Differentiable with respect to q and k.
     """
     return torch.ops.rope.fused_qk(q, k, cos, sin, positions)
+
+
+def fused_qk_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``fused_qk`` written into q and k themselves; returns them (the same tensor objects).
+
+    Same arguments and math as ``fused_qk``. An in-place op like any of torch's: q and k must not
+    share memory with each other or with the tables, and, under autograd, must not be leaves that
+    require grad; gradients flow through the rotation to what q and k were computed from.
+    """
+    return torch.ops.rope.fused_qk_(q, k, cos, sin, positions)
 
 
 def build_info() -> Dict[str, Any]:
