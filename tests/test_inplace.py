@@ -312,3 +312,13 @@ def test_torchscript() -> None:
     assert q_out is args.q and k_out is args.k
     assert_close_to_reference(args.q, expected_q, torch.float32)
     assert_close_to_reference(args.k, expected_k, torch.float32)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_bad_input_is_refused_in_the_op_s_name(device: str) -> None:
+    # The same argument checks as fused_qk (shared code), reported under the in-place op's name.
+    args = make_args(RopeCase(seq=5, table_rows=5), device)
+    with pytest.raises(RuntimeError, match=r"^rope::fused_qk_: cos and sin have 4 rows but the sequence has 5"):
+        INPLACE(args.q, args.k, args.cos[:4], args.sin[:4])
+    with pytest.raises(RuntimeError, match=r"^rope::fused_qk_: q and k must have the same dtype"):
+        INPLACE(args.q, args.k.double(), args.cos, args.sin)

@@ -33,9 +33,6 @@ import torch
 
 from ._compat_inputs import as_table, token_positions
 
-_CALLER = "rope_kernels.apply_rotary_pos_emb"
-# The CUDA kernels' limit on the rotated width (the CPU has none).
-_CUDA_MAX_ROTARY_DIM = 256
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -54,8 +51,8 @@ def rotate_by_formula(
     """transformers' own computation, for the inputs the op does not serve (and as a reference)."""
     if position_ids is not None and cos.dim() != 3:
         # A table indexed by position (transformers 4.3x); a 3-D cos is already per token.
-        cos = as_table(cos, _CALLER, "cos")[position_ids]
-        sin = as_table(sin, _CALLER, "sin")[position_ids]
+        cos = as_table(cos, "rope_kernels.apply_rotary_pos_emb", "cos")[position_ids]
+        sin = as_table(sin, "rope_kernels.apply_rotary_pos_emb", "sin")[position_ids]
     cos = cos.unsqueeze(unsqueeze_dim)
     sin = sin.unsqueeze(unsqueeze_dim)
     width = cos.shape[-1]
@@ -80,7 +77,8 @@ def _op_serves(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     width = cos.shape[-1]
     if width % 2 != 0 or width > q.shape[-1] or q.shape[-1] != k.shape[-1] or width == 0:
         return False
-    if q.device.type == "cuda" and (width > _CUDA_MAX_ROTARY_DIM or q.dtype == torch.float64):
+    # The CUDA kernels' limits (the CPU has none): rotated width up to 256, no float64.
+    if q.device.type == "cuda" and (width > 256 or q.dtype == torch.float64):
         return False
     if cos.dim() == 3:  # per token: (batch or 1, seq, width)
         return cos.shape[1] == seq and (cos.shape[0] == 1 or cos.shape[0] == q.shape[0])
@@ -140,7 +138,7 @@ def apply_rotary_pos_emb(
             rows_dtype = torch.int32 if batch * seq <= 2147483647 else torch.int64
             positions = torch.arange(batch * seq, device=q4.device, dtype=rows_dtype).view(batch, seq)
     elif position_ids is not None:
-        positions = token_positions(position_ids, batch, seq, q4.device, _CALLER, "position_ids")
+        positions = token_positions(position_ids, batch, seq, q4.device, "rope_kernels.apply_rotary_pos_emb", "position_ids")
 
     width = cos.shape[-1]
     if width == q4.shape[-1]:
