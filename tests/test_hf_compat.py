@@ -12,7 +12,7 @@ from transformers.models.phi3 import modeling_phi3
 
 import rope_kernels
 from rope_env import DEVICES, device_dtype_params
-from rope_reference import tolerance
+from rope_reference import assert_output_layout, tolerance
 
 # transformers' functions, taken before any test can patch the modules.
 TRANSFORMERS_APPLY = modeling_llama.apply_rotary_pos_emb
@@ -251,3 +251,47 @@ def test_torchscript() -> None:
         for got, want in zip(scripted(q, k, cos, sin, position_ids),
                              rope_kernels.apply_rotary_pos_emb(q, k, cos, sin, position_ids)):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def q_and_k_laid_out(layout: str, device: str, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, heads, seq, dim) q and k in memory layouts attention code produces."""
+    if layout == "projection":  # transposed (batch, seq, heads, dim) projections
+        q = torch.randn(BATCH, seq, HEADS_Q, HEAD_DIM).transpose(1, 2)
+        k = torch.randn(BATCH, seq, HEADS_K, HEAD_DIM).transpose(1, 2)
+    elif layout == "fused_qkv":  # Phi-3: slices of one (batch, seq, (Hq + 2 Hk) * dim) projection
+        qkv = torch.randn(BATCH, seq, (HEADS_Q + 2 * HEADS_K) * HEAD_DIM)
+        q = qkv[..., :HEADS_Q * HEAD_DIM].view(BATCH, seq, HEADS_Q, HEAD_DIM).transpose(1, 2)
+        k = qkv[..., HEADS_Q * HEAD_DIM:(HEADS_Q + HEADS_K) * HEAD_DIM].view(BATCH, seq, HEADS_K, HEAD_DIM).transpose(1, 2)
+    elif layout == "contiguous":  # (batch, heads, seq, dim): sequences cannot be seen as one
+        q = torch.randn(BATCH, HEADS_Q, seq, HEAD_DIM)
+        k = torch.randn(BATCH, HEADS_K, seq, HEAD_DIM)
+    else:
+        raise ValueError(layout)
+    return q.to(device), k.to(device)
+
+
+@pytest.mark.parametrize("seq", [SEQ, 1], ids=["prefill", "decode_step"])
+@pytest.mark.parametrize("layout", ["projection", "fused_qkv", "contiguous"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_sequence_angles_in_every_layout(device: str, layout: str, seq: int) -> None:
+    rotary, like = rotary_embedding(device, torch.float32)
+    positions = torch.randint(0, MAX_SEQ, (BATCH, seq)).to(device)
+    cos, sin = rotary(like, positions)
+    q, k = q_and_k_laid_out(layout, device, seq)
+    counter = []
+
+    class RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            counter.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with RecordOps():
+        ours = rope_kernels.apply_rotary_pos_emb(q, k, cos, sin)
+    theirs = TRANSFORMERS_APPLY(q, k, cos, sin)
+    for x, got, want in zip((q, k), ours, theirs):
+        assert_like_transformers(got, want, reference(x, cos, sin, positions, True), x)
+        assert_output_layout(got, x)  # seen as one sequence or not, the result is laid out like x
+    # Only a layout whose sequences cannot be seen as one long sequence needs a positions tensor.
+    needs_positions = layout == "contiguous" and seq > 1
+    assert (torch.ops.aten.arange.start_step in counter or torch.ops.aten.arange.default in counter) == needs_positions
+    assert counter.count(torch.ops.rope.fused_qk.default) == 1

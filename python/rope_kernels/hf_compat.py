@@ -16,10 +16,13 @@ the dtype transformers' function gives (float32 for bfloat16 q with float32 cos)
 
 How a per-token ``(batch, seq, dim)`` cos/sin reaches the op, which reads a table indexed by
 position: if every sequence has the same angles (batch 1, or a batch dimension of stride 0) the
-first one is the table and token ``s`` reads row ``s``; otherwise cos is seen as a
-``(batch * seq, dim)`` table (a view: a reshape that copies only a cos whose batch stride is not
-``seq`` times its row stride, which transformers never passes) and token ``(b, s)`` reads row
-``b * seq + s``.
+first one is the table and token ``s`` reads row ``s``. Otherwise cos is seen as a
+``(batch * seq, dim)`` table (a view: the reshape copies only a cos whose batch stride is not
+``seq`` times its row stride, which transformers never passes) whose row ``b * seq + s`` belongs
+to token ``(b, s)``; and q and k, when their strides allow (the transposed projections attention
+passes, and any single-token decoding step), are seen as one sequence of ``batch * seq`` tokens
+(views again), so that token ``b * seq + s`` reads row ``b * seq + s`` with no positions tensor at
+all. Other layouts of q and k get positions ``b * seq + s`` (an ``arange``).
 
 Inputs the op cannot serve (a device other than CPU and CUDA, cos/sin that require grad, q and k
 of different dtypes, shapes that only broadcasting makes fit, head_dim above 256 on CUDA) are
@@ -90,6 +93,41 @@ def _op_serves(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return True
 
 
+def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            positions: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The op on (batch, heads, seq, dim) q and k, or on their first `width` features when cos/sin
+    are narrower than head_dim (partial rotary: the op sees those features as heads of dim
+    `width`, cos/sin being their full-width table; the rest passes through)."""
+    width = cos.shape[-1]
+    if width == q.shape[-1]:
+        return torch.ops.rope.fused_qk(q, k, cos, sin, positions)
+    q_rot, k_rot = torch.ops.rope.fused_qk(q[..., :width], k[..., :width], cos, sin, positions)
+    return torch.cat((q_rot, q[..., width:]), dim=-1), torch.cat((k_rot, k[..., width:]), dim=-1)
+
+
+def _fold_batch_into_seq(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """x (B, H, S, D) as a (1, H, B * S, D) view, where its strides allow it (token (b, s) becomes
+    token b * S + s of one long sequence), else None.
+
+    This is what lets per-sequence angles reach the op as a plain table read by position, without
+    a positions tensor: it holds for the transposed projections attention passes (batch stride =
+    S * seq stride), and always for one token per sequence (decoding).
+    """
+    batch, heads, seq, dim = x.shape
+    if seq == 1:
+        return x.transpose(0, 2)
+    if batch == 1 or x.stride(0) == seq * x.stride(2):
+        return x.transpose(1, 2).reshape(1, batch * seq, heads, dim).transpose(1, 2)
+    return None
+
+
+def _unfold_batch_from_seq(x: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """The inverse of _fold_batch_into_seq (a view: splitting a dimension never copies)."""
+    if seq == 1:
+        return x.transpose(0, 2)
+    return x.transpose(1, 2).reshape(batch, seq, x.shape[1], x.shape[3]).transpose(1, 2)
+
+
 def apply_rotary_pos_emb(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -126,29 +164,31 @@ def apply_rotary_pos_emb(
         cos = cos.to(dtype)
         sin = sin.to(dtype)
 
-    positions: Optional[torch.Tensor] = None
-    if cos.dim() == 3:
-        if _shared_over_batch(cos) and _shared_over_batch(sin):
+    if cos.dim() == 3 and not (_shared_over_batch(cos) and _shared_over_batch(sin)):
+        # Angles per sequence: cos/sin seen as one (batch * seq, width) table whose row b * seq + s
+        # belongs to token (b, s).
+        width = cos.shape[-1]
+        cos = cos.reshape(batch * seq, width)
+        sin = sin.reshape(batch * seq, width)
+        q_folded = _fold_batch_into_seq(q4)
+        k_folded = _fold_batch_into_seq(k4)
+        if q_folded is not None and k_folded is not None:
+            q_out, k_out = _rotate(q_folded, k_folded, cos, sin, None)
+            q_out = _unfold_batch_from_seq(q_out, batch, seq)
+            k_out = _unfold_batch_from_seq(k_out, batch, seq)
+        else:
+            rows_dtype = torch.int32 if batch * seq <= 2147483647 else torch.int64
+            rows = torch.arange(batch * seq, device=q4.device, dtype=rows_dtype).view(batch, seq)
+            q_out, k_out = _rotate(q4, k4, cos, sin, rows)
+    else:
+        positions: Optional[torch.Tensor] = None
+        if cos.dim() == 3:  # the same angles for every sequence: the first is the table
             cos = cos[0]
             sin = sin[0]
-        else:
-            width = cos.shape[-1]
-            cos = cos.reshape(batch * seq, width)
-            sin = sin.reshape(batch * seq, width)
-            rows_dtype = torch.int32 if batch * seq <= 2147483647 else torch.int64
-            positions = torch.arange(batch * seq, device=q4.device, dtype=rows_dtype).view(batch, seq)
-    elif position_ids is not None:
-        positions = token_positions(position_ids, batch, seq, q4.device, "rope_kernels.apply_rotary_pos_emb", "position_ids")
-
-    width = cos.shape[-1]
-    if width == q4.shape[-1]:
-        q_out, k_out = torch.ops.rope.fused_qk(q4, k4, cos, sin, positions)
-    else:
-        # Partial rotary: the first `width` features are rotated (the op sees them as heads of
-        # dim `width`, cos/sin being their full-width table), the rest pass through.
-        q_rot, k_rot = torch.ops.rope.fused_qk(q4[..., :width], k4[..., :width], cos, sin, positions)
-        q_out = torch.cat((q_rot, q4[..., width:]), dim=-1)
-        k_out = torch.cat((k_rot, k4[..., width:]), dim=-1)
+        elif position_ids is not None:
+            positions = token_positions(position_ids, batch, seq, q4.device, "rope_kernels.apply_rotary_pos_emb",
+                                        "position_ids")
+        q_out, k_out = _rotate(q4, k4, cos, sin, positions)
     if not heads_first:
         q_out = q_out.transpose(1, 2)
         k_out = k_out.transpose(1, 2)
