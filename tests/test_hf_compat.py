@@ -254,20 +254,21 @@ def test_torchscript() -> None:
 
 
 def q_and_k_laid_out(layout: str, device: str, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(batch, heads, seq, dim) q and k in memory layouts attention code produces."""
+    """(batch, heads, seq, dim) q and k in memory layouts attention code produces (made on the
+    device itself: copying a view with gaps to another device would make it contiguous)."""
     if layout == "projection":  # transposed (batch, seq, heads, dim) projections
-        q = torch.randn(BATCH, seq, HEADS_Q, HEAD_DIM).transpose(1, 2)
-        k = torch.randn(BATCH, seq, HEADS_K, HEAD_DIM).transpose(1, 2)
+        q = torch.randn(BATCH, seq, HEADS_Q, HEAD_DIM, device=device).transpose(1, 2)
+        k = torch.randn(BATCH, seq, HEADS_K, HEAD_DIM, device=device).transpose(1, 2)
     elif layout == "fused_qkv":  # Phi-3: slices of one (batch, seq, (Hq + 2 Hk) * dim) projection
-        qkv = torch.randn(BATCH, seq, (HEADS_Q + 2 * HEADS_K) * HEAD_DIM)
+        qkv = torch.randn(BATCH, seq, (HEADS_Q + 2 * HEADS_K) * HEAD_DIM, device=device)
         q = qkv[..., :HEADS_Q * HEAD_DIM].view(BATCH, seq, HEADS_Q, HEAD_DIM).transpose(1, 2)
         k = qkv[..., HEADS_Q * HEAD_DIM:(HEADS_Q + HEADS_K) * HEAD_DIM].view(BATCH, seq, HEADS_K, HEAD_DIM).transpose(1, 2)
     elif layout == "contiguous":  # (batch, heads, seq, dim): sequences cannot be seen as one
-        q = torch.randn(BATCH, HEADS_Q, seq, HEAD_DIM)
-        k = torch.randn(BATCH, HEADS_K, seq, HEAD_DIM)
+        q = torch.randn(BATCH, HEADS_Q, seq, HEAD_DIM, device=device)
+        k = torch.randn(BATCH, HEADS_K, seq, HEAD_DIM, device=device)
     else:
         raise ValueError(layout)
-    return q.to(device), k.to(device)
+    return q, k
 
 
 @pytest.mark.parametrize("seq", [SEQ, 1], ids=["prefill", "decode_step"])
