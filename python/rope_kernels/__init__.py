@@ -1,7 +1,10 @@
 """rope_kernels: Rotary Position Embedding at the speed of device memory.
 
 The work is done by ``torch.ops.rope.fused_qk`` (a C++ op with CPU, CUDA and Meta kernels and a
-C++ autograd node); this package loads it and offers typed, TorchScript-compatible wrappers.
+C++ autograd node) and its in-place twin ``torch.ops.rope.fused_qk_``; this package loads them and
+offers typed, TorchScript-compatible wrappers, drop-ins for Unsloth's ``fast_rope_embedding`` /
+``inplace_rope_embedding`` and transformers' ``apply_rotary_pos_emb``, and
+``patch_transformers()`` to switch transformers' models to the op.
 """
 from __future__ import annotations
 

@@ -71,9 +71,12 @@ def _shared_over_batch(t: torch.Tensor) -> bool:
     return t.shape[0] == 1 or t.stride(0) == 0
 
 
-def _op_serves(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seq: int) -> bool:
-    """Whether the op computes exactly what transformers' formula would for these inputs."""
+def _op_serves(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seq: int,
+               dtype: torch.dtype) -> bool:
+    """Whether the op computes what transformers' formula would for these inputs, in `dtype`."""
     if (q.device.type != "cpu" and q.device.type != "cuda") or q.dtype != k.dtype:
+        return False
+    if dtype != torch.float16 and dtype != torch.bfloat16 and dtype != torch.float32 and dtype != torch.float64:
         return False
     if cos.requires_grad or sin.requires_grad or cos.shape != sin.shape:
         return False
@@ -81,7 +84,7 @@ def _op_serves(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     if width % 2 != 0 or width > q.shape[-1] or q.shape[-1] != k.shape[-1] or width == 0:
         return False
     # The CUDA kernels' limits (the CPU has none): rotated width up to 256, no float64.
-    if q.device.type == "cuda" and (width > 256 or q.dtype == torch.float64):
+    if q.device.type == "cuda" and (width > 256 or dtype == torch.float64):
         return False
     if cos.dim() == 3:  # per token: (batch or 1, seq, width)
         return cos.shape[1] == seq and (cos.shape[0] == 1 or cos.shape[0] == q.shape[0])
@@ -152,11 +155,10 @@ def apply_rotary_pos_emb(
     q4 = q if heads_first else q.transpose(1, 2)
     k4 = k if heads_first else k.transpose(1, 2)
     batch, seq = q4.shape[0], q4.shape[2]
-    if not _op_serves(q4, k4, cos, sin, seq):
-        return rotate_by_formula(q, k, cos, sin, position_ids, unsqueeze_dim)
-
     # The dtype transformers' formula gives (q * cos promotes), and the op computes in.
     dtype = torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype)
+    if not _op_serves(q4, k4, cos, sin, seq, dtype):
+        return rotate_by_formula(q, k, cos, sin, position_ids, unsqueeze_dim)
     if q4.dtype != dtype:
         q4 = q4.to(dtype)
         k4 = k4.to(dtype)
