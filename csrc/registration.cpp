@@ -18,6 +18,12 @@ TORCH_LIBRARY(rope, m) {
   m.def("fused_qk_backward(Tensor grad_q_out, Tensor grad_k_out, Tensor cos, Tensor sin,"
         " Tensor? positions=None) -> (Tensor, Tensor)",
         tags);
+  // fused_qk rotating q and k where they lie, for callers that own them (Unsloth's
+  // inplace_rope_embedding): no new tensors, the same math. The mutation is declared (a!)/(b!), so
+  // autograd, functionalization (torch.compile) and TorchScript all see it; it is never hidden.
+  m.def("fused_qk_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? positions=None)"
+        " -> (Tensor(a!), Tensor(b!))",
+        tags);
   // A JSON description of this build (versions, architectures, kernel variants), for C++ and
   // Python users alike.
   m.def("build_info() -> str", &rope_kernels::build_info_json);

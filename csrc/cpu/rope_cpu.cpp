@@ -5,6 +5,7 @@
 
 #include <limits>
 
+#include "rope_inplace.h"
 #include "rope_inputs.h"
 
 namespace rope_kernels {
@@ -75,11 +76,27 @@ std::tuple<at::Tensor, at::Tensor> fused_qk_backward_cpu(const at::Tensor& grad_
   return rotate_cpu("rope::fused_qk_backward", grad_q, grad_k, cos, sin, positions, /*inverse=*/true);
 }
 
+// In place: the rotation is computed as for fused_qk, then written back over q and k (the CPU
+// path is the reference, kept simple; the CUDA kernel rotates where the data lies).
+std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_cpu(at::Tensor& q, at::Tensor& k, const at::Tensor& cos,
+                                                         const at::Tensor& sin,
+                                                         const std::optional<at::Tensor>& positions) {
+  const char* op = "rope::fused_qk_";
+  check_and_normalize(op, q, k, cos, sin, positions);
+  check_inplace_targets(op, q, k);
+  check_inplace_apart(op, q, k, cos, sin, positions);
+  const auto [q_out, k_out] = rotate_cpu(op, q, k, cos, sin, positions, /*inverse=*/false);
+  q.copy_(q_out);
+  k.copy_(k_out);
+  return {q, k};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rope, CPU, m) {
   m.impl("fused_qk", &fused_qk_cpu);
   m.impl("fused_qk_backward", &fused_qk_backward_cpu);
+  m.impl("fused_qk_", &fused_qk_inplace_cpu);
 }
 
 }  // namespace rope_kernels

@@ -1,6 +1,7 @@
 // The CUDA kernels of rope::fused_qk and rope::fused_qk_backward: validate, allocate, launch.
 // Backward is the same rotation with sin negated, so both ops share one path.
 #include "cuda/rope_launch.h"
+#include "rope_inplace.h"
 #include "rope_inputs.h"
 
 #include <ATen/core/Tensor.h>
@@ -41,10 +42,36 @@ std::tuple<at::Tensor, at::Tensor> fused_qk_backward_cuda(const at::Tensor& grad
   return rotate_on_cuda("rope::fused_qk_backward", grad_q_out, grad_k_out, cos, sin, positions, -1);
 }
 
+// In place, by the same kernel with the outputs being the inputs. That is a valid launch: each
+// program rotates the head vectors of one token, and every element it stores is computed from
+// both halves of its own head vector, loaded before (a data dependency), by the same program;
+// no program touches another token's elements, and the checks below rule out q, k and the tables
+// sharing memory.
+std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_cuda(at::Tensor& q, at::Tensor& k, const at::Tensor& cos,
+                                                          const at::Tensor& sin,
+                                                          const std::optional<at::Tensor>& positions) {
+  const char* op = "rope::fused_qk_";
+  const RopeInputs in = check_and_normalize(op, q, k, cos, sin, positions);
+  check_inplace_targets(op, q, k);
+  check_inplace_apart(op, q, k, cos, sin, positions);
+  const c10::DeviceGuard device_guard(in.q.device());
+  launch_rope(op, in, in.q, in.k, +1);
+  // check_and_normalize copies only a q or k whose last dimension is not contiguous; such a copy
+  // was rotated instead of the caller's tensor, so its result is written back.
+  if (!in.q.is_same(q)) {
+    q.copy_(in.q);
+  }
+  if (!in.k.is_same(k)) {
+    k.copy_(in.k);
+  }
+  return {q, k};
+}
+
 }  // namespace
 }  // namespace rope_kernels::cuda
 
 TORCH_LIBRARY_IMPL(rope, CUDA, m) {
   m.impl("fused_qk", &rope_kernels::cuda::fused_qk_cuda);
   m.impl("fused_qk_backward", &rope_kernels::cuda::fused_qk_backward_cuda);
+  m.impl("fused_qk_", &rope_kernels::cuda::fused_qk_inplace_cuda);
 }

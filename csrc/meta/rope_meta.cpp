@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "rope_inplace.h"
 #include "rope_inputs.h"
 
 namespace rope_kernels {
@@ -29,11 +30,22 @@ std::tuple<at::Tensor, at::Tensor> fused_qk_backward_meta(const at::Tensor& grad
   return rotate_meta("rope::fused_qk_backward", grad_q, grad_k, cos, sin, positions);
 }
 
+// The in-place op returns q and k themselves: nothing to allocate, only the checks to run.
+std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_meta(at::Tensor& q, at::Tensor& k, const at::Tensor& cos,
+                                                          const at::Tensor& sin,
+                                                          const std::optional<at::Tensor>& positions) {
+  const char* op = "rope::fused_qk_";
+  check_and_normalize(op, q, k, cos, sin, positions);
+  check_inplace_targets(op, q, k);
+  return {q, k};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rope, Meta, m) {
   m.impl("fused_qk", &fused_qk_meta);
   m.impl("fused_qk_backward", &fused_qk_backward_meta);
+  m.impl("fused_qk_", &fused_qk_inplace_meta);
 }
 
 }  // namespace rope_kernels

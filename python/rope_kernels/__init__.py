@@ -1,7 +1,10 @@
 """rope_kernels: Rotary Position Embedding at the speed of device memory.
 
 The work is done by ``torch.ops.rope.fused_qk`` (a C++ op with CPU, CUDA and Meta kernels and a
-C++ autograd node); this package loads it and offers typed, TorchScript-compatible wrappers.
+C++ autograd node) and its in-place twin ``torch.ops.rope.fused_qk_``; this package loads them and
+offers typed, TorchScript-compatible wrappers, drop-ins for Unsloth's ``fast_rope_embedding`` /
+``inplace_rope_embedding`` and transformers' ``apply_rotary_pos_emb``, and
+``patch_transformers()`` to switch transformers' models to the op.
 """
 from __future__ import annotations
 
@@ -21,7 +24,32 @@ load_op_library()
 # DTensor arguments: the sharding rule is registered once torch.distributed.tensor is imported.
 _install_dtensor_sharding()
 
-__all__ = ["fused_qk", "build_info", "register_dtensor_sharding", "__version__"]
+# Imported after the op library is loaded: they call torch.ops.rope.
+from .hf_compat import apply_rotary_pos_emb  # noqa: E402
+from .transformers_patch import (  # noqa: E402
+    TransformersPatch,
+    patch_transformers,
+    patched_modules,
+    unpatch_transformers,
+)
+from .unsloth_compat import fast_rope_embedding, inplace_rope_embedding  # noqa: E402
+
+__all__ = [
+    "fused_qk",
+    "fused_qk_",
+    "build_info",
+    "register_dtensor_sharding",
+    "__version__",
+    # Unsloth's API
+    "fast_rope_embedding",
+    "inplace_rope_embedding",
+    # Hugging Face transformers
+    "apply_rotary_pos_emb",
+    "patch_transformers",
+    "unpatch_transformers",
+    "patched_modules",
+    "TransformersPatch",
+]
 
 
 def fused_qk(
@@ -39,6 +67,22 @@ def fused_qk(
     tensors laid out like q and k. Differentiable with respect to q and k.
     """
     return torch.ops.rope.fused_qk(q, k, cos, sin, positions)
+
+
+def fused_qk_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``fused_qk`` written into q and k themselves; returns them (the same tensor objects).
+
+    Same arguments and math as ``fused_qk``. An in-place op like any of torch's: q and k must not
+    share memory with each other or with the tables, and, under autograd, must not be leaves that
+    require grad; gradients flow through the rotation to what q and k were computed from.
+    """
+    return torch.ops.rope.fused_qk_(q, k, cos, sin, positions)
 
 
 def build_info() -> Dict[str, Any]:

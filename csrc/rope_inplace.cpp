@@ -1,0 +1,42 @@
+#include "rope_inplace.h"
+
+#include <ATen/MemoryOverlap.h>
+#include <c10/util/Exception.h>
+
+namespace rope_kernels {
+namespace {
+
+void check_no_internal_overlap(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,
+              " has elements that share memory (a stride-0 dimension: strides ", t.sym_strides(),
+              "), so it cannot be rotated in place; pass ", name, ".clone() or use rope::fused_qk");
+}
+
+void check_apart(const char* op, const char* written, const at::Tensor& a, const char* other_name,
+                 const at::Tensor& b) {
+  const at::MemOverlapStatus status = at::get_overlap_status(a, b);
+  TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op, ": ",
+              written, " and ", other_name, " share memory, so rotating ", written,
+              " in place would change what is still to be read; pass copies (.clone())");
+}
+
+}  // namespace
+
+void check_inplace_targets(const char* op, const at::Tensor& q, const at::Tensor& k) {
+  check_no_internal_overlap(op, "q", q);
+  check_no_internal_overlap(op, "k", k);
+}
+
+void check_inplace_apart(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                         const at::Tensor& sin, const std::optional<at::Tensor>& positions) {
+  check_apart(op, "q", q, "k", k);
+  for (const auto& [name, written] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}}) {
+    check_apart(op, name, *written, "cos", cos);
+    check_apart(op, name, *written, "sin", sin);
+    if (positions.has_value()) {
+      check_apart(op, name, *written, "positions", *positions);
+    }
+  }
+}
+
+}  // namespace rope_kernels

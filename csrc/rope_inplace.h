@@ -1,0 +1,23 @@
+// The checks that only the in-place op needs (rope::fused_qk_), on top of check_and_normalize:
+// what it writes must be writable element by element without clobbering what it still reads.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace rope_kernels {
+
+// q and k each have no two elements at one address (a stride-0 broadcast, say): writing one
+// rotated element would overwrite another before it is read. Reads only sizes and strides, so it
+// holds for fake and functional tensors too (torch.compile refuses what eager refuses).
+void check_inplace_targets(const char* op_name, const at::Tensor& q, const at::Tensor& k);
+
+// q and k share no memory with each other, nor with cos, sin or positions. Compares real
+// addresses: for the CPU and CUDA kernels only. Where the layout makes it undecidable cheaply
+// (views with gaps in one buffer, such as q and k sliced from one qkv projection) the check
+// passes, as torch's own in-place ops do.
+void check_inplace_apart(const char* op_name, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                         const at::Tensor& sin, const std::optional<at::Tensor>& positions);
+
+}  // namespace rope_kernels

@@ -1,0 +1,197 @@
+"""Hugging Face transformers' ``apply_rotary_pos_emb``, served by the fused op.
+
+Same signature and results as the function in ``transformers.models.llama.modeling_llama`` (and
+its copies in Mistral, Qwen2, Qwen3, Gemma, Gemma2 and Phi-3), for every form of cos/sin those
+models pass in transformers 4.x and 5.x:
+
+- ``(batch, seq, dim)`` or ``(1, seq, dim)``, gathered per token by the model's rotary embedding
+  (transformers 4.38 and later; ``position_ids`` is then ignored, as there);
+- a table ``(max_seq, dim)`` or ``(1, 1, max_seq, dim)`` with ``position_ids`` picking each
+  token's row (transformers 4.3x), or without ``position_ids``: token ``s`` uses row ``s``.
+
+``dim`` is the full rotary width (the angles twice, as transformers builds them; the first half is
+read). A width below ``head_dim`` rotates only the first ``dim`` features and passes the rest
+through (Phi-3's partial rotary factor). cos/sin in the model dtype or float32; the result has
+the dtype transformers' function gives (float32 for bfloat16 q with float32 cos).
+
+How a per-token ``(batch, seq, dim)`` cos/sin reaches the op, which reads a table indexed by
+position: if every sequence has the same angles (batch 1, or a batch dimension of stride 0) the
+first one is the table and token ``s`` reads row ``s``. Otherwise cos is seen as a
+``(batch * seq, dim)`` table (a view: the reshape copies only a cos whose batch stride is not
+``seq`` times its row stride, which transformers never passes) whose row ``b * seq + s`` belongs
+to token ``(b, s)``; and q and k, when their strides allow (the transposed projections attention
+passes, and any single-token decoding step), are seen as one sequence of ``batch * seq`` tokens
+(views again), so that token ``b * seq + s`` reads row ``b * seq + s`` with no positions tensor at
+all. Other layouts of q and k get positions ``b * seq + s`` (an ``arange``).
+
+Inputs the op cannot serve (a device other than CPU and CUDA, cos/sin that require grad, q and k
+of different dtypes, shapes that only broadcasting makes fit, head_dim above 256 on CUDA) are
+computed by the same formula as transformers', so the function is a drop-in everywhere.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._compat_inputs import as_table, token_positions
+
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate_by_formula(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: Optional[torch.Tensor] = None,
+    unsqueeze_dim: int = 1,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """transformers' own computation, for the inputs the op does not serve (and as a reference)."""
+    if position_ids is not None and cos.dim() != 3:
+        # A table indexed by position (transformers 4.3x); a 3-D cos is already per token.
+        cos = as_table(cos, "rope_kernels.apply_rotary_pos_emb", "cos")[position_ids]
+        sin = as_table(sin, "rope_kernels.apply_rotary_pos_emb", "sin")[position_ids]
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    width = cos.shape[-1]
+    q_rot, q_pass = q[..., :width], q[..., width:]
+    k_rot, k_pass = k[..., :width], k[..., width:]
+    q_out = torch.cat((q_rot * cos + _rotate_half(q_rot) * sin, q_pass), dim=-1)
+    k_out = torch.cat((k_rot * cos + _rotate_half(k_rot) * sin, k_pass), dim=-1)
+    return q_out, k_out
+
+
+def _shared_over_batch(t: torch.Tensor) -> bool:
+    """Whether every sequence of a per-token (batch, seq, dim) cos/sin has the same angles."""
+    return t.shape[0] == 1 or t.stride(0) == 0
+
+
+def _op_serves(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seq: int,
+               dtype: torch.dtype) -> bool:
+    """Whether the op computes what transformers' formula would for these inputs, in `dtype`."""
+    if (q.device.type != "cpu" and q.device.type != "cuda") or q.dtype != k.dtype:
+        return False
+    if dtype != torch.float16 and dtype != torch.bfloat16 and dtype != torch.float32 and dtype != torch.float64:
+        return False
+    if cos.requires_grad or sin.requires_grad or cos.shape != sin.shape:
+        return False
+    width = cos.shape[-1]
+    if width % 2 != 0 or width > q.shape[-1] or q.shape[-1] != k.shape[-1] or width == 0:
+        return False
+    # The CUDA kernels' limits (the CPU has none): rotated width up to 256, no float64.
+    if q.device.type == "cuda" and (width > 256 or dtype == torch.float64):
+        return False
+    if cos.dim() == 3:  # per token: (batch or 1, seq, width)
+        return cos.shape[1] == seq and (cos.shape[0] == 1 or cos.shape[0] == q.shape[0])
+    if cos.dim() < 2:
+        return False
+    for size in cos.shape[:-2]:  # a table: (max_seq, width) after leading size-1 dims
+        if size != 1:
+            return False
+    return True
+
+
+def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            positions: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The op on (batch, heads, seq, dim) q and k, or on their first `width` features when cos/sin
+    are narrower than head_dim (partial rotary: the op sees those features as heads of dim
+    `width`, cos/sin being their full-width table; the rest passes through)."""
+    width = cos.shape[-1]
+    if width == q.shape[-1]:
+        return torch.ops.rope.fused_qk(q, k, cos, sin, positions)
+    q_rot, k_rot = torch.ops.rope.fused_qk(q[..., :width], k[..., :width], cos, sin, positions)
+    return torch.cat((q_rot, q[..., width:]), dim=-1), torch.cat((k_rot, k[..., width:]), dim=-1)
+
+
+def _fold_batch_into_seq(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """x (B, H, S, D) as a (1, H, B * S, D) view, where its strides allow it (token (b, s) becomes
+    token b * S + s of one long sequence), else None.
+
+    This is what lets per-sequence angles reach the op as a plain table read by position, without
+    a positions tensor: it holds for the transposed projections attention passes (batch stride =
+    S * seq stride), and always for one token per sequence (decoding).
+    """
+    batch, heads, seq, dim = x.shape
+    if seq == 1:
+        return x.transpose(0, 2)
+    if batch == 1 or x.stride(0) == seq * x.stride(2):
+        return x.transpose(1, 2).reshape(1, batch * seq, heads, dim).transpose(1, 2)
+    return None
+
+
+def _unfold_batch_from_seq(x: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """The inverse of _fold_batch_into_seq (a view: splitting a dimension never copies)."""
+    if seq == 1:
+        return x.transpose(0, 2)
+    return x.transpose(1, 2).reshape(batch, seq, x.shape[1], x.shape[3]).transpose(1, 2)
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: Optional[torch.Tensor] = None,
+    unsqueeze_dim: int = 1,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k as transformers' ``apply_rotary_pos_emb`` does, in one fused kernel.
+
+    q ``(batch, heads_q, seq, head_dim)`` and k ``(batch, heads_k, seq, head_dim)`` with
+    ``unsqueeze_dim=1`` (the default), or ``(batch, seq, heads, head_dim)`` with
+    ``unsqueeze_dim=2``. cos/sin: see the module documentation. Returns new tensors; differentiable
+    in q and k.
+    """
+    heads_first = unsqueeze_dim == 1 or unsqueeze_dim == -3
+    if not heads_first and not (unsqueeze_dim == 2 or unsqueeze_dim == -2):
+        return rotate_by_formula(q, k, cos, sin, position_ids, unsqueeze_dim)
+    if q.dim() != 4 or k.dim() != 4:
+        return rotate_by_formula(q, k, cos, sin, position_ids, unsqueeze_dim)
+    # The op takes (batch, heads, seq, dim) views of any strides: a transpose, not a copy.
+    q4 = q if heads_first else q.transpose(1, 2)
+    k4 = k if heads_first else k.transpose(1, 2)
+    batch, seq = q4.shape[0], q4.shape[2]
+    # The dtype transformers' formula gives (q * cos promotes), and the op computes in.
+    dtype = torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype)
+    if not _op_serves(q4, k4, cos, sin, seq, dtype):
+        return rotate_by_formula(q, k, cos, sin, position_ids, unsqueeze_dim)
+    if q4.dtype != dtype:
+        q4 = q4.to(dtype)
+        k4 = k4.to(dtype)
+    if cos.dtype != dtype and cos.dtype != torch.float32:
+        cos = cos.to(dtype)
+        sin = sin.to(dtype)
+
+    if cos.dim() == 3 and not (_shared_over_batch(cos) and _shared_over_batch(sin)):
+        # Angles per sequence: cos/sin seen as one (batch * seq, width) table whose row b * seq + s
+        # belongs to token (b, s).
+        width = cos.shape[-1]
+        cos = cos.reshape(batch * seq, width)
+        sin = sin.reshape(batch * seq, width)
+        q_folded = _fold_batch_into_seq(q4)
+        k_folded = _fold_batch_into_seq(k4)
+        if q_folded is not None and k_folded is not None:
+            q_out, k_out = _rotate(q_folded, k_folded, cos, sin, None)
+            q_out = _unfold_batch_from_seq(q_out, batch, seq)
+            k_out = _unfold_batch_from_seq(k_out, batch, seq)
+        else:
+            rows_dtype = torch.int32 if batch * seq <= 2147483647 else torch.int64
+            rows = torch.arange(batch * seq, device=q4.device, dtype=rows_dtype).view(batch, seq)
+            q_out, k_out = _rotate(q4, k4, cos, sin, rows)
+    else:
+        positions: Optional[torch.Tensor] = None
+        if cos.dim() == 3:  # the same angles for every sequence: the first is the table
+            cos = cos[0]
+            sin = sin[0]
+        elif position_ids is not None:
+            positions = token_positions(position_ids, batch, seq, q4.device, "rope_kernels.apply_rotary_pos_emb",
+                                        "position_ids")
+        q_out, k_out = _rotate(q4, k4, cos, sin, positions)
+    if not heads_first:
+        q_out = q_out.transpose(1, 2)
+        k_out = k_out.transpose(1, 2)
+    return q_out, k_out

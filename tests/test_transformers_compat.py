@@ -1,0 +1,248 @@
+"""Real transformers models with `patch_transformers()`: for every supported family, a tiny random
+model gives the unpatched model's logits and parameter gradients (padding and attention masks
+included) and decodes through the KV cache the same way; and the patch itself: what it changes,
+that it undoes exactly, and that the patched attention really runs the fused op.
+
+float32 on the CPU must match transformers to float32 rounding. In bfloat16 on a GPU the fused op
+rounds once where transformers rounds three times, so the two differ by bfloat16 noise: there the
+patched model must be as close to a float32 run of the same weights as transformers' own bfloat16
+model is (the distance within a factor of three: bfloat16 noise varies between two runs by up to
+about two), for the logits and for every parameter's gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+from typing import Any, Callable, Dict, Iterator, List
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rope_kernels
+from hf_tiny_models import (VARIANTS, decode, float32_copy, packed_positions, padded_batch, positions_from_mask,
+                            tiny_model, training_step)
+from rope_env import requires_cuda
+
+DEVICE_DTYPES = [
+    pytest.param("cpu", torch.float32, id="cpu-fp32"),
+    pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=requires_cuda),
+]
+
+
+@pytest.fixture(autouse=True)
+def unpatched_afterwards() -> Iterator[None]:
+    """Every test starts and ends with transformers unpatched, whatever it did."""
+    rope_kernels.unpatch_transformers()
+    yield
+    rope_kernels.unpatch_transformers()
+
+
+def modeling_module(model: torch.nn.Module) -> Any:
+    return inspect.getmodule(type(model))
+
+
+def assert_matches_unpatched(patched: torch.Tensor, unpatched: torch.Tensor, reference: torch.Tensor,
+                             what: str) -> None:
+    """float32: patched equals unpatched to float32 rounding. 16-bit: patched is about as close to
+    the float32 reference as unpatched is (within a factor 3, plus half a unit of the dtype)."""
+    assert patched.shape == unpatched.shape and patched.dtype == unpatched.dtype, what
+    assert torch.isfinite(patched).all(), f"{what}: non-finite values"
+    scale = float(unpatched.abs().max())
+    if patched.dtype == torch.float32:
+        torch.testing.assert_close(patched, unpatched, rtol=1e-5, atol=1e-5 * scale, msg=what)
+        return
+    # Distances as norms over the whole tensor: the largest element of bfloat16 noise varies too
+    # much between two runs (a bias gradient summed over every token is mostly noise).
+    unit = 2.0**-8 if patched.dtype == torch.bfloat16 else 2.0**-11
+    error_patched = float((patched.float() - reference.float()).norm())
+    error_unpatched = float((unpatched.float() - reference.float()).norm())
+    assert error_patched <= 3 * error_unpatched + unit / 2 * float(reference.float().norm()), (
+        f"{what}: patched is {error_patched:.3g} from the float32 run, transformers' own {error_unpatched:.3g}")
+
+
+def run_patched(model: torch.nn.Module, fn: Callable[[], Any]) -> Any:
+    with rope_kernels.patch_transformers(model):
+        return fn()
+
+
+@pytest.mark.parametrize("positions", ["per_sequence", "default"])
+@pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_training_step_matches_transformers(variant: str, device: str, dtype: torch.dtype, positions: str) -> None:
+    # "per_sequence": position ids that differ between the sequences (per-sequence cos/sin, as
+    # generate() and packed batches make them); "default": the model's own 0..S-1 for every
+    # sequence (one cos/sin shared by the batch).
+    model = tiny_model(variant, device, dtype)
+    ids, mask = padded_batch(device, side="right")
+    position_ids = packed_positions(mask) if positions == "per_sequence" else None
+    step = lambda m: training_step(m, ids, mask, position_ids)  # noqa: E731
+    logits, grads = step(model)
+    patched_logits, patched_grads = run_patched(model, lambda: step(model))
+    reference_logits, reference_grads = step(float32_copy(model)) if dtype != torch.float32 else (logits, grads)
+
+    real = mask.bool()  # logits of padding are not compared (nothing uses them)
+    assert_matches_unpatched(patched_logits[real], logits[real], reference_logits[real], "logits")
+    assert patched_grads.keys() == grads.keys() and len(grads) > 0
+    for name in grads:
+        assert_matches_unpatched(patched_grads[name], grads[name], reference_grads[name], f"grad of {name}")
+
+
+@pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_decoding_with_kv_cache_matches_transformers(variant: str, device: str, dtype: torch.dtype) -> None:
+    # Left-padded prompts, then 6 tokens one at a time: positions run past the prompt, each
+    # sequence from its own offset. Both models are fed the same tokens (those transformers picks).
+    model = tiny_model(variant, device, dtype)
+    ids, mask = padded_batch(device)
+    logits, tokens = decode(model, ids, mask, steps=6)
+    patched_logits, _ = run_patched(model, lambda: decode(model, ids, mask, steps=6, forced=tokens))
+    reference_logits = decode(float32_copy(model), ids, mask, steps=6, forced=tokens)[0] \
+        if dtype != torch.float32 else logits
+    for step in range(logits.shape[1]):
+        assert_matches_unpatched(patched_logits[:, step], logits[:, step], reference_logits[:, step],
+                                 f"logits of decoding step {step}")
+
+
+@pytest.mark.parametrize("variant", ["llama", "gemma2", "phi3_partial"])
+def test_generate_gives_the_same_tokens(variant: str) -> None:
+    # transformers' own generate() loop (its cache, masks and position ids), greedy, in float32.
+    model = tiny_model(variant, "cpu", torch.float32)
+    ids, mask = padded_batch("cpu")
+    settings: Dict[str, Any] = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                                    eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    expected = model.generate(ids, **settings)
+    got = run_patched(model, lambda: model.generate(ids, **settings))
+    assert torch.equal(got.sequences, expected.sequences)
+    for step, (ours, theirs) in enumerate(zip(got.logits, expected.logits)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("variant", ["llama", "phi3_partial"])
+def test_rope_matters(variant: str) -> None:
+    # These tests can fail: with the rotation left out, the logits move by far more than any
+    # tolerance above (the models are initialised so that attention depends on position).
+    model = tiny_model(variant, "cpu", torch.float32)
+    ids, mask = padded_batch("cpu")
+    logits, _ = training_step(model, ids, mask, positions_from_mask(mask))
+    module = modeling_module(model)
+    original = module.apply_rotary_pos_emb
+    module.apply_rotary_pos_emb = lambda q, k, cos, sin, *args, **kwargs: (q, k)
+    try:
+        without_rope, _ = training_step(model, ids, mask, positions_from_mask(mask))
+    finally:
+        module.apply_rotary_pos_emb = original
+    real = mask.bool()
+    assert float((without_rope - logits)[real].abs().max()) > 0.1 * float(logits.abs().max())
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ops that reach the dispatcher below autograd."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: List[Any] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_patched_attention_runs_the_fused_op(variant: str) -> None:
+    model = tiny_model(variant, "cpu", torch.float32)
+    ids, mask = padded_batch("cpu")
+    layers = model.config.num_hidden_layers
+    for patch in (False, True):
+        counter = OpCounter()
+        with rope_kernels.patch_transformers(model) if patch else contextlib.nullcontext(), counter, torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
+        assert counter.calls.count(torch.ops.rope.fused_qk.default) == (layers if patch else 0)
+
+
+def test_patch_all_and_undo() -> None:
+    from transformers.models.llama import modeling_llama
+
+    families = rope_kernels.transformers_patch.SUPPORTED_FAMILIES
+    originals = {f: _module_of(f).apply_rotary_pos_emb for f in families}
+    handle = rope_kernels.patch_transformers()
+    assert set(handle.modules) == {f"transformers.models.{f}.modeling_{f}" for f in families}
+    assert rope_kernels.patched_modules() == tuple(sorted(handle.modules))
+    for family in families:
+        replaced = _module_of(family).apply_rotary_pos_emb
+        assert replaced is not originals[family]
+        # The replacement has the signature of the function it replaces (5.x: no position_ids).
+        # With the `kernels` package installed, 5.x's function is a hub hook: an nn.Module whose
+        # forward carries the signature.
+        original = originals[family]
+        original_callable = original.forward if isinstance(original, torch.nn.Module) else original
+        assert list(inspect.signature(replaced).parameters) == list(inspect.signature(original_callable).parameters)
+    assert rope_kernels.patch_transformers().modules == handle.modules  # again: harmless
+    assert modeling_llama.apply_rotary_pos_emb is not originals["llama"]
+    handle.undo()
+    for family in families:
+        assert _module_of(family).apply_rotary_pos_emb is originals[family]
+    assert rope_kernels.patched_modules() == ()
+
+
+def test_patch_a_model_patches_its_family_only() -> None:
+    from transformers.models.llama import modeling_llama
+    from transformers.models.qwen2 import modeling_qwen2
+
+    original_llama, original_qwen2 = modeling_llama.apply_rotary_pos_emb, modeling_qwen2.apply_rotary_pos_emb
+    model = tiny_model("llama", "cpu", torch.float32)
+    with rope_kernels.patch_transformers(model) as handle:
+        assert handle.modules == ("transformers.models.llama.modeling_llama",)
+        assert modeling_llama.apply_rotary_pos_emb is not original_llama
+        assert modeling_qwen2.apply_rotary_pos_emb is original_qwen2
+    assert modeling_llama.apply_rotary_pos_emb is original_llama
+    # A class, a family name, a module and a list name the same families.
+    assert rope_kernels.patch_transformers(type(model)).modules == handle.modules
+    assert rope_kernels.patch_transformers("Llama").modules == handle.modules
+    assert rope_kernels.patch_transformers(modeling_llama).modules == handle.modules
+    assert rope_kernels.patch_transformers(["llama", "qwen2", "llama"]).modules == (
+        "transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2")
+
+
+def test_unsupported_targets_are_refused() -> None:
+    with pytest.raises(ValueError, match="'gpt2' is not a supported family"):
+        rope_kernels.patch_transformers("gpt2")
+    with pytest.raises(ValueError, match="Linear has no layer from a supported transformers family"):
+        rope_kernels.patch_transformers(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="model_or_class must be"):
+        rope_kernels.patch_transformers(3)
+    assert rope_kernels.patched_modules() == ()
+
+
+def _module_of(family: str) -> Any:
+    return importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+
+
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("variant", ["llama", "phi3_partial"])
+def test_patched_model_compiles_in_one_graph(variant: str, fresh_dynamo: None) -> None:
+    model = tiny_model(variant, "cpu", torch.float32)
+    ids, mask = padded_batch("cpu")
+    position_ids = positions_from_mask(mask)
+    logits, grads = training_step(model, ids, mask, position_ids)
+    with rope_kernels.patch_transformers(model):
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        model.zero_grad(set_to_none=True)
+        out = compiled(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                       labels=ids.masked_fill(mask == 0, -100))
+        out.loss.backward()
+    compiled_logits = out.logits.detach()
+    compiled_grads = {name: p.grad for name, p in model.named_parameters()}
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(compiled_logits, logits, rtol=1e-5, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(compiled_grads[name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
