@@ -155,7 +155,9 @@ bool alignment_hints_hold(const KernelArgs& a) {
 // the inputs and allocate_outputs for the outputs. Checked here because a violation would not
 // fail but write out of place.
 void check_unit_last_stride(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": internal error: ", name,
+  // An empty tensor is never read or written, whatever its strides (an empty view of an expanded
+  // gradient keeps stride 0, and contiguous() leaves empty tensors as they are).
+  TORCH_CHECK(t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, op, ": internal error: ", name,
               " reaches the CUDA launch with last-dimension stride ", t.stride(-1));
 }
 
