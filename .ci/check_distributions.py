@@ -28,7 +28,7 @@ REQUIRES_PYTHON = ">=3.10"
 LICENSE = "BSD-3-Clause"
 # What a build needs besides the tracked files under these folders.
 SDIST_TOP_FILES = ["CMakeLists.txt", "setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE"]
-SDIST_FOLDERS = ["csrc", "kernels", "python", "tests"]
+SDIST_FOLDERS = ["cmake", "csrc", "kernels", "python", "tests"]
 
 
 def torch_series() -> str:
