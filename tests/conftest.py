@@ -5,8 +5,11 @@ import os
 import sys
 import zlib
 
+from typing import Iterator
+
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 # The shared modules (rope_reference, rope_env) sit beside the tests; make them importable under
 # any --import-mode, not only the default one that puts this directory on sys.path itself.
@@ -20,3 +23,13 @@ def _seed_per_test(request: pytest.FixtureRequest) -> None:
     """Seed the global RNG from the test's id: each test draws different inputs, and a failure
     reproduces when that test is run alone."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    """No cached graphs and nothing counted (graph breaks, compilations) before and after a case:
+    what a torch.compile test asserts about counters is then about that case alone."""
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()

@@ -6,7 +6,7 @@ backend x dynamic, with a second shape only where dynamic shapes are under test.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import pytest
 import torch
@@ -22,13 +22,8 @@ CASE = RopeCase(batch=2, heads_q=4, heads_k=2, seq=5, layout="bshd", positions="
 OTHER_SHAPE = RopeCase(batch=3, heads_q=6, heads_k=3, seq=9, layout="bshd", positions="bs:int64")
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo() -> Iterator[None]:
-    """Each case starts with no cached graphs and no counted graph breaks."""
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+# Every case here compiles: each starts from a reset Dynamo (the fixture is in conftest.py).
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 class RecordingBackend:

@@ -7,7 +7,7 @@ seconds, so the CPU runs only max-autotune and the shapes stay small.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 import torch
@@ -26,13 +26,8 @@ ROUNDS = 3
 COMPILED_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo() -> Iterator[None]:
-    """Each case starts with no cached graphs and nothing counted."""
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+# Every case here compiles: each starts from a reset Dynamo (the fixture is in conftest.py).
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def forward_backward(run: Callable[..., torch.Tensor], model: torch.nn.Module, x: torch.Tensor,

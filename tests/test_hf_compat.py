@@ -222,12 +222,6 @@ def test_fused_op_serves_what_transformers_passes() -> None:
     assert torch.ops.aten.cat.default not in calls
 
 
-@pytest.fixture
-def fresh_dynamo() -> Any:
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])

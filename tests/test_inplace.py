@@ -226,12 +226,6 @@ def test_opcheck_with_grad(device: str, case: RopeCase) -> None:
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
-@pytest.fixture
-def fresh_dynamo() -> Any:
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 def rotate_projections(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
