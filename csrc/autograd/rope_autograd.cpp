@@ -2,25 +2,16 @@
 // the incoming gradients: fused_qk's backward calls fused_qk_backward and fused_qk_backward's
 // backward calls fused_qk. Both go through the dispatcher, so the backward graph is itself
 // differentiable (double backward) and traceable by torch.compile.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include "op_handles.h"
 
 namespace rope_kernels {
 namespace {
 
-using RotateSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                             const at::Tensor&, const at::Tensor&,
-                                                             const std::optional<at::Tensor>&);
-
 const c10::TypedOperatorHandle<RotateSignature>& rotate_op(bool inverse) {
-  static const auto forward = c10::Dispatcher::singleton()
-                                  .findSchemaOrThrow("rope::fused_qk", "")
-                                  .typed<RotateSignature>();
-  static const auto backward = c10::Dispatcher::singleton()
-                                   .findSchemaOrThrow("rope::fused_qk_backward", "")
-                                   .typed<RotateSignature>();
-  return inverse ? backward : forward;
+  return inverse ? fused_qk_backward_op() : fused_qk_op();
 }
 
 const char* op_name(bool inverse) {

@@ -10,7 +10,6 @@
 // output, which it wraps in CopySlices so that the gradient also reaches the view's base. So the
 // rotation runs once, for both tensors, below autograd; then each tensor that requires grad gets
 // its own single-output node, whose backward is the inverse rotation of that tensor's gradient.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
@@ -18,26 +17,10 @@
 #include <optional>
 #include <tuple>
 
+#include "op_handles.h"
+
 namespace rope_kernels {
 namespace {
-
-using InplaceSignature = std::tuple<at::Tensor, at::Tensor>(at::Tensor&, at::Tensor&, const at::Tensor&,
-                                                               const at::Tensor&, const std::optional<at::Tensor>&);
-using RotateSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                             const at::Tensor&, const at::Tensor&,
-                                                             const std::optional<at::Tensor>&);
-
-const c10::TypedOperatorHandle<InplaceSignature>& inplace_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("rope::fused_qk_", "").typed<InplaceSignature>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<RotateSignature>& backward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("rope::fused_qk_backward", "").typed<RotateSignature>();
-  return op;
-}
 
 // The history of one tensor rotated in place. Its forward does no work (the rotation has already
 // been written); it only declares the tensor modified, so that autograd rebases its history here.
@@ -58,7 +41,7 @@ struct RotatedInPlace : public torch::autograd::Function<RotatedInPlace> {
     const at::Tensor& grad = grads[0];
     // fused_qk_backward rotates a (q, k) pair; given a k with no heads (an empty view of the
     // gradient, no allocation) it rotates this one gradient alone.
-    auto [grad_in, no_heads] = backward_op().call(grad, grad.narrow(1, 0, 0), saved[0], saved[1], positions);
+    auto [grad_in, no_heads] = fused_qk_backward_op().call(grad, grad.narrow(1, 0, 0), saved[0], saved[1], positions);
     return {grad_in, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -79,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_autograd(at::Tensor& q, at::
   {
     // Below autograd but above ADInplaceOrView, where the version counters are bumped.
     at::AutoDispatchBelowAutograd below_autograd;
-    inplace_op().call(q, k, cos, sin, positions);
+    fused_qk_inplace_op().call(q, k, cos, sin, positions);
   }
   if (q_needs_grad) {
     RotatedInPlace::apply(q, cos, sin, positions);
@@ -97,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_ad_inplace_or_view(at::Tenso
                                                                         const std::optional<at::Tensor>& positions) {
   {
     at::AutoDispatchBelowADInplaceOrView below;
-    inplace_op().call(q, k, cos, sin, positions);
+    fused_qk_inplace_op().call(q, k, cos, sin, positions);
   }
   torch::autograd::increment_version(q);
   torch::autograd::increment_version(k);

@@ -5,36 +5,18 @@
 // q (its base, other views) and, for graph inputs, copies back into the caller's tensor once.
 #include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
 
+#include "op_handles.h"
 #include "rope_inplace.h"
 
 namespace rope_kernels {
 namespace {
 
 namespace functional = at::functionalization::impl;
-
-using InplaceSignature = std::tuple<at::Tensor, at::Tensor>(at::Tensor&, at::Tensor&, const at::Tensor&,
-                                                               const at::Tensor&, const std::optional<at::Tensor>&);
-using RotateSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                             const at::Tensor&, const at::Tensor&,
-                                                             const std::optional<at::Tensor>&);
-
-const c10::TypedOperatorHandle<InplaceSignature>& inplace_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("rope::fused_qk_", "").typed<InplaceSignature>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<RotateSignature>& functional_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("rope::fused_qk", "").typed<RotateSignature>();
-  return op;
-}
 
 // The current value behind a functional tensor (pending writes through its aliases applied).
 at::Tensor current_value(const at::Tensor& t) {
@@ -63,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_functionalize(at::Tensor& q,
                 op, ": q and k are ordinary tensors but cos, sin or positions are functionalized; "
                 "create q and k inside the functionalized program");
     at::AutoDispatchSkipFunctionalize skip_functionalize;
-    inplace_op().call(q, k, cos, sin, positions);
+    fused_qk_inplace_op().call(q, k, cos, sin, positions);
     return {q, k};
   }
   TORCH_CHECK(q_functional && k_functional, op,
@@ -79,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_functionalize(at::Tensor& q,
     // it must be refused here as in eager mode.
     check_inplace_targets(op, q_value, k_value);
     std::tie(q_rotated, k_rotated) =
-        functional_op().call(q_value, k_value, current_value(cos), current_value(sin), current_value(positions));
+        fused_qk_op().call(q_value, k_value, current_value(cos), current_value(sin), current_value(positions));
   }
   functional::replace_(q, q_rotated);
   functional::commit_update(q);
