@@ -101,6 +101,9 @@ def main() -> int:
     dist.init_process_group(args.backend)
     local = args.global_batch // world
     ddp_losses = train(device, slice(rank * local, (rank + 1) * local), args, ddp=True)
+    # Both ranks finish every collective before the teardown: a rank that tears gloo down while
+    # its peer is still using the connection can be aborted (seen once in CI).
+    dist.barrier()
     dist.destroy_process_group()
     if rank != 0:
         return 0

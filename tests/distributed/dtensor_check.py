@@ -205,6 +205,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     report(f"tensor-parallel attention ({world} ranks, heads split): ok")
     check_dtensor_heads_from_projection(mesh, device, model_dtype)
     report("column-parallel projections kept as DTensors, rotated without gathering: ok")
+    # Both ranks finish every collective before the teardown: a rank that tears gloo down while
+    # its peer is still using the connection can be aborted (seen once in CI).
+    dist.barrier()
     dist.destroy_process_group()
     report(f"DTensor checks on {world} x {device} ({args.backend}): all ok")
     return 0
