@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <c10/util/SmallVector.h>
 
 #include <algorithm>
 #include <numeric>
@@ -143,7 +144,7 @@ namespace {
 at::Tensor output_like(const at::Tensor& t) {
   const int64_t n = t.dim();
   // Outer dims ordered outermost first by decreasing stride; insertion sort keeps ties in order.
-  std::vector<int64_t> order(n - 1);
+  c10::SmallVector<int64_t, 4> order(n - 1);
   std::iota(order.begin(), order.end(), 0);
   for (size_t i = 1; i < order.size(); ++i) {
     for (size_t j = i; j > 0 && t.sym_stride(order[j - 1]) < t.sym_stride(order[j]); --j) {
@@ -151,15 +152,20 @@ at::Tensor output_like(const at::Tensor& t) {
     }
   }
   order.push_back(n - 1);
-  std::vector<c10::SymInt> permuted_sizes;
-  for (const int64_t d : order) {
-    permuted_sizes.push_back(t.sym_size(d));
+  // Dense strides in that order, innermost first; one allocation, no permuted view on top.
+  c10::SmallVector<c10::SymInt, 4> strides(n);
+  c10::SymInt running = 1;
+  for (int64_t i = n - 1; i >= 0; --i) {
+    strides[order[i]] = running;
+    // As contiguous strides are computed: an empty dim counts as 1, so the strides stay
+    // distinct. Only a size known to be 0 is skipped; a symbolic size adds no max() guard.
+    const c10::SymInt& size = t.sym_size(order[i]);
+    const std::optional<int64_t> known = size.maybe_as_int();
+    if (!(known.has_value() && *known == 0)) {
+      running = running * size;
+    }
   }
-  std::vector<int64_t> inverse(n);
-  for (int64_t i = 0; i < n; ++i) {
-    inverse[order[i]] = i;
-  }
-  return at::empty_symint(permuted_sizes, t.options()).permute(inverse);
+  return at::empty_strided_symint(t.sym_sizes(), strides, t.options());
 }
 
 }  // namespace

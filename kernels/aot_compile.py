@@ -84,9 +84,9 @@ def cache_key(kernel_source: str, triton_version: str, arch: int, variant: Varia
         "triton": triton_version,
         "arch": arch,
         "signature": variant.signature(),
-        "constexprs": variant.constexprs(),
+        "constexprs": variant.constexprs(arch),
         "divisible_by_16": variant.divisible_by_16(),
-        "num_warps": variant.launch.num_warps,
+        "num_warps": variant.launch(arch).num_warps,
         "env": {name: os.environ.get(name) for name in _CODEGEN_ENV},
     }
     h = hashlib.sha256(kernel_source.encode())
@@ -132,7 +132,7 @@ def _compile_and_store(job: CompileJob) -> CompiledVariant:
         num_warps=md.num_warps,
         shared=md.shared,
         num_trailing_null_params=trailing,
-        block_h=job.variant.launch.block_h,
+        block_h=job.variant.launch(job.arch).block_h,
         cubin_size=len(cubin),
         cubin_path=job.cubin_path,
     )
@@ -149,10 +149,10 @@ def _compile(job: CompileJob) -> Any:
     fn = getattr(_load_kernel_module(job.kernel_path), aot_specs.KERNEL_NAME)
     _check_parameter_list(list(fn.arg_names))
     variant = job.variant
-    src = ASTSource(fn=fn, signature=variant.signature(), constexprs=variant.constexprs(),
+    src = ASTSource(fn=fn, signature=variant.signature(), constexprs=variant.constexprs(job.arch),
                     attrs=_divisibility_attrs(fn.arg_names, variant.divisible_by_16()))
     return triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
-                          options={"num_warps": variant.launch.num_warps})
+                          options={"num_warps": variant.launch(job.arch).num_warps})
 
 
 @functools.cache

@@ -56,21 +56,28 @@ DEFAULT_ARCHS = REQUIRED_ARCHS + OPTIONAL_ARCHS
 
 @dataclasses.dataclass(frozen=True)
 class LaunchShape:
-    """Per-BLOCK_D2 tuning: heads rotated per inner step and warps per program."""
+    """Heads per program (BLOCK_H) and warps per program, for one arch and BLOCK_D2."""
 
     block_h: int
     num_warps: int
 
 
-# One program handles one token. At most 1024 rotation pairs per inner step (16 x 64 = 8 x 128)
-# bounds the registers per thread at 4 warps; smaller heads take more heads per step instead.
-# These are the starting values: tune them on the GPU here, nowhere else.
-LAUNCH_SHAPES: dict[int, LaunchShape] = {
-    16: LaunchShape(block_h=16, num_warps=4),
-    32: LaunchShape(block_h=16, num_warps=4),
-    64: LaunchShape(block_h=16, num_warps=4),
-    128: LaunchShape(block_h=8, num_warps=4),
+# Launch shapes measured with `python -m bench.tune` on a GPU of that architecture (the figures
+# and the date are in bench/NOTES.md). An architecture not listed gets DEFAULT_LAUNCH_SHAPES.
+MEASURED_LAUNCH_SHAPES: dict[int, dict[int, LaunchShape]] = {}
+
+# For architectures nobody has measured yet: 4 pairs of elements per thread, which
+# gives 8-byte accesses in 16-bit dtypes and enough programs for short sequences.
+DEFAULT_LAUNCH_SHAPES: dict[int, LaunchShape] = {
+    16: LaunchShape(block_h=16, num_warps=2),
+    32: LaunchShape(block_h=8, num_warps=2),
+    64: LaunchShape(block_h=4, num_warps=2),
+    128: LaunchShape(block_h=2, num_warps=2),
 }
+
+
+def launch_shape(arch: int, block_d2: int) -> LaunchShape:
+    return MEASURED_LAUNCH_SHAPES.get(arch, DEFAULT_LAUNCH_SHAPES)[block_d2]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,9 +108,8 @@ class Variant:
     def block_d2(self) -> int:
         return BLOCK_D2_VALUES[self.block]
 
-    @property
-    def launch(self) -> LaunchShape:
-        return LAUNCH_SHAPES[self.block_d2]
+    def launch(self, arch: int) -> LaunchShape:
+        return launch_shape(arch, self.block_d2)
 
     def key(self) -> dict[str, object]:
         """Readable description, used in the manifest and in cache keys."""
@@ -127,10 +133,10 @@ class Variant:
         sig.update({name: "constexpr" for name in CONSTEXPR_PARAMS})
         return sig
 
-    def constexprs(self) -> dict[str, object]:
+    def constexprs(self, arch: int) -> dict[str, object]:
         return {
             "BLOCK_D2": self.block_d2,
-            "BLOCK_H": self.launch.block_h,
+            "BLOCK_H": self.launch(arch).block_h,
             "HAS_POS": POS_KINDS[self.pos] != "none",
         }
 

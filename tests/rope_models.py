@@ -7,7 +7,7 @@ model. Scriptable, so that TorchScript can save it.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +41,21 @@ class RopeAttention(torch.nn.Module):
         k = k.view(batch, seq, self.heads_k, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, self.heads_k, self.head_dim).transpose(1, 2)
         q, k = torch.ops.rope.fused_qk(q, k, self.cos, self.sin, positions)
+        # GQA: q head h attends with k/v head h // group. Written as a loop over the position in
+        # the group rather than by repeating k and v (repeat_interleave, or expand + reshape as
+        # Hugging Face does): torch 2.11's export cannot trace those with a dynamic sequence
+        # length, even without this op (the reshape's stride is min(16*s, 32*s), which adds a
+        # guard that export rejects as a constraint on s).
         group = self.heads_q // self.heads_k
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-        # Attention written out (not SDPA): the same arithmetic on every device and backend, so
-        # compiled and eager results differ only by the rounding of fused float32 arithmetic.
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        q_groups = q.view(batch, self.heads_k, group, seq, self.head_dim)
         causal = torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril()
-        weights = F.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
-        attended = torch.matmul(weights, v).transpose(1, 2).reshape(batch, seq, width_q)
+        attended_groups: List[torch.Tensor] = []
+        for g in range(group):
+            # Attention written out (not SDPA): the same arithmetic on every device and backend,
+            # so compiled and eager results differ only by the rounding of fused float32 arithmetic.
+            scores = torch.matmul(q_groups[:, :, g], k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+            weights = F.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+            attended_groups.append(torch.matmul(weights, v))
+        # (B, Hk, group, S, D) -> (B, S, Hq * D), head hk * group + g in q's head order.
+        attended = torch.stack(attended_groups, dim=2).permute(0, 3, 1, 2, 4).reshape(batch, seq, width_q)
         return self.out(attended)

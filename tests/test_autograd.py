@@ -139,3 +139,30 @@ def test_table_requiring_grad_is_fine_without_grad_mode(device: str) -> None:
     with torch.no_grad():
         outputs = torch.ops.rope.fused_qk(*args)
     assert not outputs[0].requires_grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_grad_mode_records_nothing_and_rotates_the_same(device: str) -> None:
+    # Without grad mode the op skips building a graph node (a host-time saving): the values must
+    # be the ones the recorded path gives, and nothing may be recorded.
+    args = make_args(RopeCase(), device, requires_grad=True)
+    recorded = torch.ops.rope.fused_qk(*args)
+    with torch.no_grad():
+        plain = torch.ops.rope.fused_qk(*args)
+    for got, expected in zip(plain, recorded):
+        assert got.grad_fn is None and not got.requires_grad
+        assert got.stride() == expected.stride()
+        torch.testing.assert_close(got, expected.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op_name", list(OPS))
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_mode_ad_is_refused_not_dropped(device: str, op_name: str) -> None:
+    # Forward-mode AD has no rule here: a tangent must raise, never vanish from the result.
+    import torch.autograd.forward_ad as fwAD
+
+    args = make_args(RopeCase(), device)
+    with fwAD.dual_level():
+        q_dual = fwAD.make_dual(args.q, torch.randn_like(args.q))
+        with pytest.raises(RuntimeError):
+            OPS[op_name](q_dual, args.k, args.cos, args.sin, args.positions)

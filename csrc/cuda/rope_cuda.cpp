@@ -43,10 +43,10 @@ std::tuple<at::Tensor, at::Tensor> fused_qk_backward_cuda(const at::Tensor& grad
 }
 
 // In place, by the same kernel with the outputs being the inputs. That is a valid launch: each
-// program rotates the head vectors of one token, and every element it stores is computed from
-// both halves of its own head vector, loaded before (a data dependency), by the same program;
-// no program touches another token's elements, and the checks below rule out q, k and the tables
-// sharing memory.
+// program rotates its own block of head vectors of one token, and every element it stores is
+// computed from both halves of its own head vector, loaded before (a data dependency), by the same
+// program; no two programs touch the same element, and the checks below rule out q, k and the
+// tables sharing memory.
 std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_cuda(at::Tensor& q, at::Tensor& k, const at::Tensor& cos,
                                                           const at::Tensor& sin,
                                                           const std::optional<at::Tensor>& positions) {

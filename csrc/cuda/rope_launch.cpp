@@ -15,6 +15,9 @@ namespace {
 
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 constexpr int64_t kMaxHalfDim = kBlockD2Values[kNumBlockD2 - 1];
+constexpr int64_t kMaxGridY = 65535;  // CUDA's limit on gridDim.y
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // rope_qk_kernel's launch parameters (contract order): 7 pointers, 6 int32, 16 int64.
 constexpr int kNumKernelParams = 29;
@@ -265,7 +268,7 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
   if (batch == 0 || seq_len == 0 || (in.q.size(1) == 0 && in.k.size(1) == 0)) {
     return;  // nothing to rotate; an empty grid is not a valid launch
   }
-  // One program per token (b, s): grid x allows up to 2^31 - 1 blocks.
+  // Grid x: one entry per token (b, s), up to 2^31 - 1; grid y: the token's head blocks (below).
   int64_t tokens = 0;
   TORCH_CHECK(!__builtin_mul_overflow(batch, seq_len, &tokens) && tokens <= kInt32Max, op, ": batch * seq_len (",
               batch, " * ", seq_len, ") exceeds the CUDA grid limit of 2^31 - 1 tokens");
@@ -294,6 +297,14 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
               ": the sm_", arch->arch, " kernel ", image.function_name, " expects ", image.num_trailing_null_params,
               " trailing scratch pointers; this launcher passes at most ", kMaxTrailingNullParams);
 
+  // Program (t, j) rotates heads j * block_h .. of q, then (past q's blocks) of k: see rope_kernel.py.
+  TORCH_CHECK(image.block_h > 0, op, ": internal error: the sm_", arch->arch, " kernel ", image.function_name,
+              " has no heads-per-program value");
+  const int64_t head_blocks = ceil_div(in.q.size(1), image.block_h) + ceil_div(in.k.size(1), image.block_h);
+  TORCH_CHECK(head_blocks <= kMaxGridY, op, ": q and k have ", in.q.size(1), " + ", in.k.size(1),
+              " heads, more than the CUDA kernel's grid takes (", kMaxGridY, " blocks of ", image.block_h,
+              " heads)");
+
   make_primary_context_current(op, device);
   const LoadedKernel& kernel = loaded_kernel(op, device, variant.index(), arch->arch, image);
 
@@ -318,7 +329,8 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
   const DriverApi& api = driver_api(op);
   const CUstream stream = current_stream(in.q.device());
   check_driver(api,
-               api.launch_kernel(kernel.function, static_cast<unsigned int>(tokens), 1, 1, kernel.block_threads, 1, 1,
+               api.launch_kernel(kernel.function, static_cast<unsigned int>(tokens), static_cast<unsigned int>(head_blocks),
+                                 1, kernel.block_threads, 1, 1,
                                  kernel.shared_bytes, stream, params, nullptr),
                op, "cuLaunchKernel");
 }
