@@ -48,10 +48,21 @@ MAX_PAIRS_PER_THREAD: int = 64
 class Shape:
     block_h: int
     num_warps: int
+    heads_fastest: bool = True  # program order: heads of a token fastest, or tokens fastest
 
     @property
     def label(self) -> str:
+        return "h{}w{}{}".format(self.block_h, self.num_warps, "" if self.heads_fastest else "-tf")
+
+    @property
+    def table_label(self) -> str:
         return "h{}w{}".format(self.block_h, self.num_warps)
+
+
+def launcher_heads_fastest(q: torch.Tensor) -> bool:
+    """The order the library's launcher picks (csrc/cuda/rope_launch.cpp): heads fastest unless
+    the heads of a token lie further apart than its neighbouring tokens (a (B, H, S, D) layout)."""
+    return q.size(2) == 1 or q.stride(1) <= q.stride(2)
 
 
 def _load_module(path: Path, name: str) -> Any:
@@ -74,7 +85,8 @@ def candidate_shapes(block_d2: int, block_hs: List[int], warps: List[int]) -> Li
         for num_warps in warps:
             pairs_per_thread = block_h * block_d2 / (32 * num_warps)
             if MIN_PAIRS_PER_THREAD <= pairs_per_thread <= MAX_PAIRS_PER_THREAD:
-                shapes.append(Shape(block_h, num_warps))
+                shapes.append(Shape(block_h, num_warps, True))
+                shapes.append(Shape(block_h, num_warps, False))
     return shapes
 
 
@@ -85,7 +97,8 @@ def launcher(kernel: Any, inputs: Inputs, q_out: torch.Tensor, k_out: torch.Tens
     cos, sin, pos = inputs.table_cos, inputs.table_sin, inputs.positions
     batch, heads_q, seq, head_dim = q.shape
     heads_k = k.shape[1]
-    grid = (batch * seq, -(-heads_q // shape.block_h) + -(-heads_k // shape.block_h))
+    n_blocks = -(-heads_q // shape.block_h) + -(-heads_k // shape.block_h)
+    grid = (batch * seq * n_blocks,) if shape.heads_fastest else (batch * seq, n_blocks)
     pos_arg = pos if pos is not None else q  # never read without HAS_POS
     pos_strides = (pos.stride(0), pos.stride(1)) if pos is not None else (0, 0)
 
@@ -113,7 +126,9 @@ def tune_workload(workload: Workload, shapes: List[Shape], kernel: Any, block_d2
     source = torch.randn(inputs.q.numel() + inputs.k.numel(), dtype=workload.dtype, device=device)
     target = torch.empty_like(source)
     figures = [Figure("floor", lambda: target.copy_(source))]
-    record: Dict[str, Any] = {"shape": workload.describe(), "block_d2": block_d2, "results": {}}
+    record: Dict[str, Any] = {"shape": workload.describe(), "block_d2": block_d2, "results": {},
+                              "element_size": inputs.q.element_size(),
+                              "heads_fastest": launcher_heads_fastest(inputs.q)}
 
     calls: Dict[str, Callable[[], None]] = {}
     if ours is not None:
@@ -168,16 +183,20 @@ def print_workload(name: str, record: Dict[str, Any], log: Callable[[str], None]
 def recommend(records: Dict[str, Dict[str, Any]]) -> Dict[int, Dict[str, Any]]:
     """Per head-dim block: the shape with the lowest geometric mean kernel ratio over its workloads
     (graph time, summed, breaks near-ties)."""
-    by_block: Dict[int, List[Dict[str, Any]]] = {}
+    by_block: Dict[Tuple[int, int], List[Dict[str, Any]]] = {}
     for record in records.values():
-        by_block.setdefault(record["block_d2"], []).append(record)
-    choice: Dict[int, Dict[str, Any]] = {}
+        by_block.setdefault((record["element_size"], record["block_d2"]), []).append(record)
+    choice: Dict[Tuple[int, int], Dict[str, Any]] = {}
     for block_d2, group in sorted(by_block.items()):
-        labels = set.intersection(*(set(r["results"]) for r in group)) - {"ours"}
+        # Each workload scored in the program order the launcher picks for its layout.
+        def result(r: Dict[str, Any], label: str) -> Dict[str, Any]:
+            return r["results"].get(label if r["heads_fastest"] else label + "-tf", {})
+
+        labels = set.intersection(*({k for k in r["results"] if not k.endswith("-tf")} for r in group)) - {"ours"}
         scored = []
         for label in labels:
-            ratios = [r["results"][label].get("kernel_x") for r in group]
-            graphs = [r["results"][label].get("graph_us") for r in group]
+            ratios = [result(r, label).get("kernel_x") for r in group]
+            graphs = [result(r, label).get("graph_us") for r in group]
             if any(not isinstance(x, float) for x in ratios):
                 continue
             geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
@@ -213,7 +232,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("rope_kernels not importable, 'ours' left out: {}".format(error))
         ours = None
 
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
     timer = make_timer(device, QUICK if args.quick else FULL)
     names = [w.name for w in WORKLOADS] if args.workloads == "all" else args.workloads.split(",")
     block_hs = [int(x) for x in args.block_h.split(",")]
@@ -233,14 +252,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     choice = recommend(records)
     print("\nRecommended launch shapes (arch sm_{}{}):".format(*capability))
-    for block_d2, picked in choice.items():
-        print("  BLOCK_D2 {:>3}: {:<8} geomean kernel {:.3f}x over {}".format(
-            block_d2, picked["shape"], picked["geomean_kernel_x"], ", ".join(picked["workloads"])))
+    for (element_size, block_d2), picked in choice.items():
+        print("  {}-byte dtype, BLOCK_D2 {:>3}: {:<8} geomean kernel {:.3f}x over {}".format(
+            element_size, block_d2, picked["shape"], picked["geomean_kernel_x"], ", ".join(picked["workloads"])))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(device),
                                               "capability": list(capability), "workloads": records,
-                                              "recommended": {str(k): v for k, v in choice.items()}},
+                                              "recommended": {"{}-byte/d{}".format(*k): v for k, v in choice.items()}},
                                              indent=1))
     return 0
 

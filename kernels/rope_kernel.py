@@ -1,9 +1,12 @@
 """Triton source of the fused RoPE kernel (compiled ahead of time, never JIT-launched by the library).
 
-The grid is (tokens, head blocks): program (t, j) rotates BLOCK_H consecutive heads of token
-t = b * seq_len + s. Head blocks 0 .. cdiv(n_heads_q, BLOCK_H) - 1 cover q, the rest cover k, so
-q and k share one launch (GQA: k may have fewer heads). Splitting a token's heads over several
-programs keeps every SM busy when there are few tokens (decode, short prefill), where one program
+Each program rotates BLOCK_H consecutive heads of one token t = b * seq_len + s. Head blocks
+0 .. cdiv(n_heads_q, BLOCK_H) - 1 cover q, the rest cover k, so q and k share one launch (GQA: k
+may have fewer heads). The launcher picks the order in which programs walk (token, head block) to
+follow memory: heads fastest for a (B, S, H, D) layout (a one-dimensional grid), tokens fastest
+for (B, H, S, D) (grid (tokens, head blocks)); the kernel tells them apart by the grid's y extent.
+
+Splitting a token's heads over several programs keeps every SM busy when there are few tokens (decode, short prefill), where one program
 per token would leave most of the GPU idle and serialize the head loop; for many tokens the extra
 programs cost nothing measurable (bench/NOTES.md has the figures). BLOCK_H and the warp count come
 from the measured table in aot_specs.py.
@@ -34,13 +37,22 @@ def rope_qk_kernel(
     BLOCK_H: tl.constexpr,  # heads per program
     HAS_POS: tl.constexpr,  # positions tensor given (int32 or int64, from pos_ptr's type)
 ):
-    token = tl.program_id(0).to(tl.int64)
-    head_block = tl.program_id(1)
+    q_blocks = tl.cdiv(n_heads_q, BLOCK_H)
+    if tl.num_programs(1) == 1:
+        # Heads fastest: program p is head block p % n_blocks of token p // n_blocks, so programs
+        # that run together read neighbouring memory when a token's heads lie together (B, S, H, D).
+        n_blocks = q_blocks + tl.cdiv(n_heads_k, BLOCK_H)
+        program = tl.program_id(0).to(tl.int64)
+        token = program // n_blocks
+        head_block = (program - token * n_blocks).to(tl.int32)
+    else:
+        # Tokens fastest: grid (tokens, head blocks), for layouts whose heads lie apart (B, H, S, D).
+        token = tl.program_id(0).to(tl.int64)
+        head_block = tl.program_id(1)
     b = token // seq_len
     s = token - b * seq_len
 
     # Which tensor this program rotates: a uniform branch, so both sides are plain scalars.
-    q_blocks = tl.cdiv(n_heads_q, BLOCK_H)
     if head_block < q_blocks:
         src = q_ptr + b * q_stride_b + s * q_stride_s
         dst = q_out_ptr + b * q_out_stride_b + s * q_out_stride_s
@@ -78,7 +90,7 @@ def rope_qk_kernel(
     row = tl.where(row_ok, row, 0)
     cos = tl.load(cos_ptr + row * cos_stride_row + d, mask=d_ok & row_ok, other=float("nan")).to(tl.float32)
     sin = tl.load(sin_ptr + row * sin_stride_row + d, mask=d_ok & row_ok, other=float("nan")).to(tl.float32)
-    sin = sin * sin_sign.to(tl.float32)
+    sin = sin * sin_sign  # int32 times float32 is float32 (and a plain 1 where Triton specializes it)
 
     out_ty = dst.dtype.element_ty
     tl.store(dst_tile, (x1 * cos[None, :] - x2 * sin[None, :]).to(out_ty), mask=mask)

@@ -268,7 +268,6 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
   if (batch == 0 || seq_len == 0 || (in.q.size(1) == 0 && in.k.size(1) == 0)) {
     return;  // nothing to rotate; an empty grid is not a valid launch
   }
-  // Grid x: one entry per token (b, s), up to 2^31 - 1; grid y: the token's head blocks (below).
   int64_t tokens = 0;
   TORCH_CHECK(!__builtin_mul_overflow(batch, seq_len, &tokens) && tokens <= kInt32Max, op, ": batch * seq_len (",
               batch, " * ", seq_len, ") exceeds the CUDA grid limit of 2^31 - 1 tokens");
@@ -297,13 +296,25 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
               ": the sm_", arch->arch, " kernel ", image.function_name, " expects ", image.num_trailing_null_params,
               " trailing scratch pointers; this launcher passes at most ", kMaxTrailingNullParams);
 
-  // Program (t, j) rotates heads j * block_h .. of q, then (past q's blocks) of k: see rope_kernel.py.
+  // A program rotates one block of block_h heads (of q, then past q's blocks, of k) of one token;
+  // see rope_kernel.py. The programs walk (token, head block) in memory order: heads fastest (a
+  // one-dimensional grid) where a token's heads lie closer together than neighbouring tokens,
+  // as in (B, S, H, D); else tokens fastest, grid (tokens, head blocks), as for (B, H, S, D).
   TORCH_CHECK(image.block_h > 0, op, ": internal error: the sm_", arch->arch, " kernel ", image.function_name,
               " has no heads-per-program value");
   const int64_t head_blocks = ceil_div(in.q.size(1), image.block_h) + ceil_div(in.k.size(1), image.block_h);
-  TORCH_CHECK(head_blocks <= kMaxGridY, op, ": q and k have ", in.q.size(1), " + ", in.k.size(1),
-              " heads, more than the CUDA kernel's grid takes (", kMaxGridY, " blocks of ", image.block_h,
-              " heads)");
+  const bool heads_fastest = seq_len == 1 || in.q.stride(1) <= in.q.stride(2);
+  int64_t grid_x = tokens;
+  int64_t grid_y = head_blocks;
+  if (heads_fastest || head_blocks == 1) {
+    TORCH_CHECK(!__builtin_mul_overflow(tokens, head_blocks, &grid_x) && grid_x <= kInt32Max, op, ": ", tokens,
+                " tokens of ", in.q.size(1), " + ", in.k.size(1), " heads exceed the CUDA grid limit of 2^31 - 1 "
+                "programs of ", image.block_h, " heads");
+    grid_y = 1;
+  } else {
+    TORCH_CHECK(head_blocks <= kMaxGridY, op, ": q and k have ", in.q.size(1), " + ", in.k.size(1),
+                " heads, more than the CUDA grid takes (", kMaxGridY, " blocks of ", image.block_h, " heads)");
+  }
 
   make_primary_context_current(op, device);
   const LoadedKernel& kernel = loaded_kernel(op, device, variant.index(), arch->arch, image);
@@ -329,8 +340,8 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
   const DriverApi& api = driver_api(op);
   const CUstream stream = current_stream(in.q.device());
   check_driver(api,
-               api.launch_kernel(kernel.function, static_cast<unsigned int>(tokens), static_cast<unsigned int>(head_blocks),
-                                 1, kernel.block_threads, 1, 1,
+               api.launch_kernel(kernel.function, static_cast<unsigned int>(grid_x), static_cast<unsigned int>(grid_y), 1,
+                                 kernel.block_threads, 1, 1,
                                  kernel.shared_bytes, stream, params, nullptr),
                op, "cuLaunchKernel");
 }
