@@ -1,7 +1,8 @@
 """`python -m bench.tune`: measure every launch shape of the RoPE kernel on this GPU.
 
 The library runs cubins compiled ahead of time with one launch shape (heads per program,
-warps) per architecture and head-dim block, taken from the table in kernels/aot_specs.py. This
+warps) per architecture, element size, head-dim block and grid class, from the table in
+kernels/aot_specs.py. This
 tool is where that table's numbers come from: it JIT-compiles kernels/rope_kernel.py (the same
 source the AOT build compiles) for each candidate shape, checks each against the float64
 reference, and times it on the benchmark's workloads:
@@ -11,11 +12,13 @@ reference, and times it on the benchmark's workloads:
 - graph time: device time per call with 100 calls captured in one CUDA graph (what decoding
   and other launch-bound rows feel, L2 warm).
 
-For each head-dim block it then names the shape with the lowest geometric mean of kernel-time
-ratios over the workloads that use that block (graph time breaks ties within 2%), and prints
-the rows to put into aot_specs.LAUNCH_SHAPES. Needs a CUDA GPU and Triton; the library itself
-is timed alongside when it can be imported (`ours`), so a run also shows what the shipped table
-gives.
+For each key of the launch table (element size, head-dim block, wide or narrow grid) it then
+names the shape with the lowest geometric mean of kernel-time ratios over the workloads of that
+key, each in the program order the launcher picks for its layout (graph time breaks ties within
+2%), and prints the rows to put into aot_specs.SM90_LAUNCH_SHAPES (or a table for another arch).
+
+Needs a CUDA GPU and Triton. The library itself is timed alongside when it can be imported
+(`ours`), so a run also shows what the shipped table gives.
 """
 from __future__ import annotations
 
@@ -117,7 +120,7 @@ def launcher(kernel: Any, inputs: Inputs, q_out: torch.Tensor, k_out: torch.Tens
 
 
 def tune_workload(workload: Workload, shapes: List[Shape], kernel: Any, block_d2: int, timer: Any,
-                  ours: Optional[Any], log: Callable[[str], None]) -> Dict[str, Any]:
+                  ours: Optional[Any], narrow_below: int, log: Callable[[str], None]) -> Dict[str, Any]:
     device = timer.device
     inputs = make_inputs(workload, device)
     q_out = torch.empty_like(inputs.q.detach())
@@ -128,7 +131,9 @@ def tune_workload(workload: Workload, shapes: List[Shape], kernel: Any, block_d2
     figures = [Figure("floor", lambda: target.copy_(source))]
     record: Dict[str, Any] = {"shape": workload.describe(), "block_d2": block_d2, "results": {},
                               "element_size": inputs.q.element_size(),
-                              "heads_fastest": launcher_heads_fastest(inputs.q)}
+                              "heads_fastest": launcher_heads_fastest(inputs.q),
+                              "narrow": workload.batch * workload.seq * (workload.heads_q + workload.heads_k)
+                              < narrow_below}
 
     calls: Dict[str, Callable[[], None]] = {}
     if ours is not None:
@@ -183,10 +188,11 @@ def print_workload(name: str, record: Dict[str, Any], log: Callable[[str], None]
 def recommend(records: Dict[str, Dict[str, Any]]) -> Dict[int, Dict[str, Any]]:
     """Per head-dim block: the shape with the lowest geometric mean kernel ratio over its workloads
     (graph time, summed, breaks near-ties)."""
-    by_block: Dict[Tuple[int, int], List[Dict[str, Any]]] = {}
+    by_block: Dict[Tuple[int, int, bool], List[Dict[str, Any]]] = {}
     for record in records.values():
-        by_block.setdefault((record["element_size"], record["block_d2"]), []).append(record)
-    choice: Dict[Tuple[int, int], Dict[str, Any]] = {}
+        key = (record["element_size"], record["block_d2"], record["narrow"])
+        by_block.setdefault(key, []).append(record)
+    choice: Dict[Tuple[int, int, bool], Dict[str, Any]] = {}
     for block_d2, group in sorted(by_block.items()):
         # Each workload scored in the program order the launcher picks for its layout.
         def result(r: Dict[str, Any], label: str) -> Dict[str, Any]:
@@ -245,21 +251,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         workload = workload_by_name(name)
         block_d2 = block_d2_of(workload.head_dim, specs.BLOCK_D2_VALUES)
         shapes = candidate_shapes(block_d2, block_hs, warps)
-        record = tune_workload(workload, shapes, kernel, block_d2, timer, ours, print)
+        record = tune_workload(workload, shapes, kernel, block_d2, timer, ours, specs.NARROW_BELOW_HEAD_VECTORS, print)
         record["name"] = name
         records[name] = record
         print_workload(name, record, print)
 
     choice = recommend(records)
     print("\nRecommended launch shapes (arch sm_{}{}):".format(*capability))
-    for (element_size, block_d2), picked in choice.items():
-        print("  {}-byte dtype, BLOCK_D2 {:>3}: {:<8} geomean kernel {:.3f}x over {}".format(
-            element_size, block_d2, picked["shape"], picked["geomean_kernel_x"], ", ".join(picked["workloads"])))
+    for (element_size, block_d2, narrow), picked in choice.items():
+        print("  {}-byte dtype, BLOCK_D2 {:>3}, {} grid: {:<8} geomean kernel {:.3f}x over {}".format(
+            element_size, block_d2, "narrow" if narrow else "wide", picked["shape"], picked["geomean_kernel_x"],
+            ", ".join(picked["workloads"])))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(device),
                                               "capability": list(capability), "workloads": records,
-                                              "recommended": {"{}-byte/d{}".format(*k): v for k, v in choice.items()}},
+                                              "recommended": {"{}-byte/d{}/{}".format(k[0], k[1], "narrow" if k[2] else "wide"): v
+                                                              for k, v in choice.items()}},
                                              indent=1))
     return 0
 

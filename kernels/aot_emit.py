@@ -138,11 +138,13 @@ def _layout_asserts() -> list[str]:
 def _order_asserts() -> list[str]:
     """One assert per slot: a change of order on either side fails the build, not the launch."""
     out = [f"static_assert(kNumVariants == {aot_specs.NUM_VARIANTS}, \"variant count mismatch\");"]
+    out.append(f"static_assert(kNarrowBelowHeadVectors == {aot_specs.NARROW_BELOW_HEAD_VECTORS}, "
+               "\"grid class threshold mismatch\");")
     for i, value in enumerate(aot_specs.BLOCK_D2_VALUES):
         out.append(f'static_assert(kBlockD2Values[{i}] == {value}, "BLOCK_D2 values mismatch");')
     for v in aot_specs.all_variants():
         args = ", ".join((_CPP_QK[v.qk], _CPP_TABLE[v.table], str(v.block), _CPP_POS[v.pos],
-                          "true" if v.aligned else "false"))
+                          "true" if v.aligned else "false", "true" if v.narrow else "false"))
         out.append(f'static_assert(variant_index({args}) == {v.index}, "variant order mismatch");')
     return out
 

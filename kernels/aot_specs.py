@@ -44,8 +44,16 @@ TABLE_DTYPES = ("same", "fp32")  # TableDtype: kSameAsQk, kFloat32
 BLOCK_D2_VALUES = (16, 32, 64, 128)  # kBlockD2Values
 POS_KINDS = ("none", "int32", "int64")  # PosKind
 ALIGNED = (False, True)
+# Grid classes: "wide" launches (many programs: bandwidth-bound) and "narrow" ones (few programs:
+# decode and short prefill, latency-bound) get their own launch shape. The launcher's rule for
+# which is which is kNarrowBelowHeadVectors in kernel_table.h.
+GRID_CLASSES = ("wide", "narrow")
+# The launcher's rule: fewer head vectors than this (tokens x (q heads + k heads)) is narrow.
+# kernel_table.h holds the same number as kNarrowBelowHeadVectors (the generated table asserts it).
+NARROW_BELOW_HEAD_VECTORS = 16384
 
-NUM_VARIANTS = len(QK_DTYPES) * len(TABLE_DTYPES) * len(BLOCK_D2_VALUES) * len(POS_KINDS) * len(ALIGNED)
+NUM_VARIANTS = (len(QK_DTYPES) * len(TABLE_DTYPES) * len(BLOCK_D2_VALUES) * len(POS_KINDS) * len(ALIGNED)
+                * len(GRID_CLASSES))
 
 # Architectures (10 * major + minor). The first group must compile; the second is built only
 # where the installed Triton (its LLVM and bundled ptxas) knows it.
@@ -56,28 +64,49 @@ DEFAULT_ARCHS = REQUIRED_ARCHS + OPTIONAL_ARCHS
 
 @dataclasses.dataclass(frozen=True)
 class LaunchShape:
-    """Heads per program (BLOCK_H) and warps per program, for one arch and BLOCK_D2."""
+    """Heads per program (BLOCK_H) and warps per program."""
 
     block_h: int
     num_warps: int
 
 
-# Launch shapes measured with `python -m bench.tune` on a GPU of that architecture (the figures
-# and the date are in bench/NOTES.md). An architecture not listed gets DEFAULT_LAUNCH_SHAPES.
-MEASURED_LAUNCH_SHAPES: dict[int, dict[int, LaunchShape]] = {}
-
-# For architectures nobody has measured yet: 4 pairs of elements per thread, which
-# gives 8-byte accesses in 16-bit dtypes and enough programs for short sequences.
-DEFAULT_LAUNCH_SHAPES: dict[int, LaunchShape] = {
-    16: LaunchShape(block_h=16, num_warps=2),
-    32: LaunchShape(block_h=8, num_warps=2),
-    64: LaunchShape(block_h=4, num_warps=2),
-    128: LaunchShape(block_h=2, num_warps=2),
+# Key: (bytes per q/k element, BLOCK_D2, narrow grid). Measured with `python -m bench.tune` on an
+# H200 (sm_90), 2026-11-29; bench/NOTES.md has the figures. Where no workload of the benchmark
+# measured a key, the entry keeps the per-thread work of its measured neighbour (the same pairs of
+# elements per thread and warps), marked "by analogy".
+SM90_LAUNCH_SHAPES: dict[tuple[int, int, bool], LaunchShape] = {
+    # 16-bit q/k, wide grids: one warp, 16 pairs per thread (16-byte accesses).
+    (2, 16, False): LaunchShape(block_h=32, num_warps=1),  # by analogy
+    (2, 32, False): LaunchShape(block_h=16, num_warps=1),  # hd64-mha
+    (2, 64, False): LaunchShape(block_h=8, num_warps=1),  # llama8b-train, long-128k, seed-example
+    (2, 128, False): LaunchShape(block_h=4, num_warps=1),  # hd256-gemma
+    # 16-bit q/k, narrow grids: four warps, 4 pairs per thread (more loads in flight per program).
+    (2, 16, True): LaunchShape(block_h=32, num_warps=4),  # by analogy
+    (2, 32, True): LaunchShape(block_h=16, num_warps=4),  # by analogy
+    (2, 64, True): LaunchShape(block_h=8, num_warps=4),  # decode-b1, decode-b64, small-prefill
+    (2, 128, True): LaunchShape(block_h=4, num_warps=4),  # by analogy
+    # 32-bit q/k, wide grids: two warps, 4 pairs per thread (16-byte accesses).
+    (4, 16, False): LaunchShape(block_h=16, num_warps=2),  # by analogy
+    (4, 32, False): LaunchShape(block_h=8, num_warps=2),  # by analogy
+    (4, 64, False): LaunchShape(block_h=4, num_warps=2),  # fp32
+    (4, 128, False): LaunchShape(block_h=2, num_warps=2),  # by analogy
+    # 32-bit q/k, narrow grids: four warps, 4 pairs per thread.
+    (4, 16, True): LaunchShape(block_h=32, num_warps=4),  # by analogy
+    (4, 32, True): LaunchShape(block_h=16, num_warps=4),  # by analogy
+    (4, 64, True): LaunchShape(block_h=8, num_warps=4),  # by analogy
+    (4, 128, True): LaunchShape(block_h=4, num_warps=4),  # by analogy
 }
 
+# Per architecture; an architecture not listed (nobody has measured it yet) gets sm_90's shapes.
+MEASURED_LAUNCH_SHAPES: dict[int, dict[tuple[int, int, bool], LaunchShape]] = {90: SM90_LAUNCH_SHAPES}
+DEFAULT_LAUNCH_SHAPES = SM90_LAUNCH_SHAPES
 
-def launch_shape(arch: int, block_d2: int) -> LaunchShape:
-    return MEASURED_LAUNCH_SHAPES.get(arch, DEFAULT_LAUNCH_SHAPES)[block_d2]
+ELEMENT_SIZES = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+def launch_shape(arch: int, qk_dtype: str, block_d2: int, narrow: bool) -> LaunchShape:
+    table = MEASURED_LAUNCH_SHAPES.get(arch, DEFAULT_LAUNCH_SHAPES)
+    return table[(ELEMENT_SIZES[qk_dtype], block_d2, narrow)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +118,7 @@ class Variant:
     block: int
     pos: int
     aligned: bool
+    narrow: bool
 
     @property
     def index(self) -> int:
@@ -97,7 +127,8 @@ class Variant:
         i = i * len(TABLE_DTYPES) + self.table
         i = i * len(BLOCK_D2_VALUES) + self.block
         i = i * len(POS_KINDS) + self.pos
-        return i * len(ALIGNED) + int(self.aligned)
+        i = i * len(ALIGNED) + int(self.aligned)
+        return i * len(GRID_CLASSES) + int(self.narrow)
 
     @property
     def is_built(self) -> bool:
@@ -109,7 +140,7 @@ class Variant:
         return BLOCK_D2_VALUES[self.block]
 
     def launch(self, arch: int) -> LaunchShape:
-        return launch_shape(arch, self.block_d2)
+        return launch_shape(arch, QK_DTYPES[self.qk], self.block_d2, self.narrow)
 
     def key(self) -> dict[str, object]:
         """Readable description, used in the manifest and in cache keys."""
@@ -119,6 +150,7 @@ class Variant:
             "block_d2": self.block_d2,
             "positions": POS_KINDS[self.pos],
             "aligned": self.aligned,
+            "grid": GRID_CLASSES[int(self.narrow)],
         }
 
     def signature(self) -> dict[str, str]:
@@ -147,7 +179,8 @@ class Variant:
     def label(self) -> str:
         """Short name for messages and comments, e.g. bf16/fp32/d64/int32/aligned."""
         return "/".join((QK_DTYPES[self.qk], TABLE_DTYPES[self.table], f"d{self.block_d2}",
-                         POS_KINDS[self.pos], "aligned" if self.aligned else "unaligned"))
+                         POS_KINDS[self.pos], "aligned" if self.aligned else "unaligned",
+                         GRID_CLASSES[int(self.narrow)]))
 
 
 def all_variants() -> Iterator[Variant]:
@@ -157,7 +190,8 @@ def all_variants() -> Iterator[Variant]:
             for block in range(len(BLOCK_D2_VALUES)):
                 for pos in range(len(POS_KINDS)):
                     for aligned in ALIGNED:
-                        yield Variant(qk, table, block, pos, aligned)
+                        for narrow in (False, True):
+                            yield Variant(qk, table, block, pos, aligned, narrow)
 
 
 def built_variants() -> list[Variant]:

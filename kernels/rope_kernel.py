@@ -42,15 +42,17 @@ def rope_qk_kernel(
         # Heads fastest: program p is head block p % n_blocks of token p // n_blocks, so programs
         # that run together read neighbouring memory when a token's heads lie together (B, S, H, D).
         n_blocks = q_blocks + tl.cdiv(n_heads_k, BLOCK_H)
-        program = tl.program_id(0).to(tl.int64)
+        program = tl.program_id(0)
         token = program // n_blocks
-        head_block = (program - token * n_blocks).to(tl.int32)
+        head_block = program - token * n_blocks
     else:
         # Tokens fastest: grid (tokens, head blocks), for layouts whose heads lie apart (B, H, S, D).
-        token = tl.program_id(0).to(tl.int64)
+        token = tl.program_id(0)
         head_block = tl.program_id(1)
-    b = token // seq_len
-    s = token - b * seq_len
+    # 32-bit divisions (the launcher keeps the grid below 2^31 programs); addresses in 64 bits.
+    b32 = token // seq_len
+    b = b32.to(tl.int64)
+    s = (token - b32 * seq_len).to(tl.int64)
 
     # Which tensor this program rotates: a uniform branch, so both sides are plain scalars.
     if head_block < q_blocks:

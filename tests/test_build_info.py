@@ -9,8 +9,8 @@ import rope_kernels
 REQUIRED_ARCHITECTURES = {80, 86, 89, 90}
 
 # (q dtype, table dtype) pairs: fp16 or bf16 q with a table of q's dtype or fp32, and fp32 with fp32 (5),
-# x head-dim block (4) x positions none/int32/int64 (3) x aligned or not (2).
-VARIANTS_PER_ARCHITECTURE = 5 * 4 * 3 * 2
+# x head-dim block (4) x positions none/int32/int64 (3) x aligned or not (2) x wide or narrow grid (2).
+VARIANTS_PER_ARCHITECTURE = 5 * 4 * 3 * 2 * 2
 
 
 def test_documented_keys_and_types() -> None:

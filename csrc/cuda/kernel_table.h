@@ -12,17 +12,26 @@ enum class QkDtype : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
 enum class TableDtype : int { kSameAsQk = 0, kFloat32 = 1 };
 enum class PosKind : int { kNone = 0, kInt32 = 1, kInt64 = 2 };
 constexpr int kNumBlockD2 = 4; constexpr int kBlockD2Values[kNumBlockD2] = {16, 32, 64, 128};
-constexpr int kNumVariants = 144;
+constexpr int kNumVariants = 288;
 
 // Mixed-radix position of one specialization: qk dtype (3) x table dtype (2) x BLOCK_D2 (4)
-// x positions kind (3) x aligned (2). Plain arithmetic, so choosing a kernel costs no lookup.
-constexpr int variant_index(QkDtype qk, TableDtype table, int block_d2_index, PosKind pos, bool aligned) {
-  return ((((static_cast<int>(qk) * 2 + static_cast<int>(table)) * kNumBlockD2 + block_d2_index) * 3 +
-           static_cast<int>(pos)) * 2) + (aligned ? 1 : 0);
+// x positions kind (3) x aligned (2) x grid class (2: wide, narrow). Plain arithmetic, so choosing
+// a kernel costs no lookup.
+constexpr int variant_index(QkDtype qk, TableDtype table, int block_d2_index, PosKind pos, bool aligned,
+                            bool narrow) {
+  return (((((static_cast<int>(qk) * 2 + static_cast<int>(table)) * kNumBlockD2 + block_d2_index) * 3 +
+            static_cast<int>(pos)) * 2 + (aligned ? 1 : 0)) * 2) + (narrow ? 1 : 0);
 }
-static_assert(variant_index(QkDtype::kFloat32, TableDtype::kFloat32, kNumBlockD2 - 1, PosKind::kInt64, true) ==
+static_assert(variant_index(QkDtype::kFloat32, TableDtype::kFloat32, kNumBlockD2 - 1, PosKind::kInt64, true, true) ==
                   kNumVariants - 1,
               "kNumVariants must count every combination of variant_index");
+
+// A launch rotating fewer head vectors (tokens x (q heads + k heads)) than this is latency-bound
+// (decode, short prefill) and takes the narrow-grid kernels, whose launch shape puts more warps on
+// fewer heads; larger launches are bandwidth-bound and take the wide-grid ones. Measured ends:
+// small-prefill (5120 head vectors) runs faster narrow, seed-example (131072) wide.
+// aot_specs.NARROW_BELOW_HEAD_VECTORS is the same number (the generated table asserts it).
+constexpr long long kNarrowBelowHeadVectors = 16384;
 
 struct KernelImage {
   const unsigned char* cubin;  // nullptr: this variant was not built

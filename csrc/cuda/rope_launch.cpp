@@ -31,8 +31,9 @@ struct Variant {
   int block_d2_index;
   PosKind pos;
   bool aligned;
+  bool narrow;
 
-  int index() const { return variant_index(qk, table, block_d2_index, pos, aligned); }
+  int index() const { return variant_index(qk, table, block_d2_index, pos, aligned, narrow); }
 };
 
 // The kernel's parameters as locals of the exact C types the cubin reads: CUdeviceptr for
@@ -218,7 +219,8 @@ std::string describe_variant(const Variant& v) {
   std::string out = std::string("q/k ") + dtype_name(v.qk) + ", cos/sin " +
                     (v.table == TableDtype::kFloat32 ? "float32" : dtype_name(v.qk)) + ", BLOCK_D2 " +
                     std::to_string(kBlockD2Values[v.block_d2_index]) + ", positions " + positions_name(v.pos) +
-                    (v.aligned ? ", aligned" : ", unaligned") + " (variant " + std::to_string(v.index()) + ")";
+                    (v.aligned ? ", aligned" : ", unaligned") + (v.narrow ? ", narrow grid" : ", wide grid") +
+                    " (variant " + std::to_string(v.index()) + ")";
   return out;
 }
 
@@ -282,7 +284,8 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
   const Variant variant{qk_dtype_of(op, in.q.scalar_type()),
                         table_dtype_of(op, in.cos.scalar_type(), in.q.scalar_type()),
                         block_d2_index_of(args.half_dim), positions_kind_of(in.positions),
-                        alignment_hints_hold(args)};
+                        alignment_hints_hold(args),
+                        tokens * (in.q.size(1) + in.k.size(1)) < kNarrowBelowHeadVectors};
 
   const int device = in.q.device().index();
   const int capability = device_capability(op, device);
