@@ -12,28 +12,33 @@ namespace rope_kernels {
 namespace {
 
 // The cos/sin rows each token uses, in the compute dtype, shaped (B or 1, 1, S, D/2) to broadcast
-// over heads. A position outside the table gives NaN rows (the CUDA kernels do the same).
+// over heads. A position outside the table gives NaN rows (the CUDA kernels do the same). The rows
+// are picked before they are converted (and negated for the inverse): the table can be far longer
+// than the sequence, and converting all of it cost more than the rotation itself.
 std::tuple<at::Tensor, at::Tensor> gather_angles(const RopeInputs& in, at::ScalarType compute,
                                                  bool inverse) {
   const int64_t half = in.half_dim.expect_int();
   const int64_t seq = in.q.size(2);
-  at::Tensor cos = in.cos.narrow(1, 0, half).to(compute);
-  at::Tensor sin = in.sin.narrow(1, 0, half).to(compute);
-  if (inverse) {
-    sin = sin.neg();
-  }
+  const at::Tensor cos = in.cos.narrow(1, 0, half);
+  const at::Tensor sin = in.sin.narrow(1, 0, half);
+  at::Tensor cos_rows;
+  at::Tensor sin_rows;
   if (!in.positions.has_value()) {
-    return {cos.narrow(0, 0, seq).view({1, 1, seq, half}), sin.narrow(0, 0, seq).view({1, 1, seq, half})};
+    cos_rows = cos.narrow(0, 0, seq).view({1, 1, seq, half});
+    sin_rows = sin.narrow(0, 0, seq).view({1, 1, seq, half});
+  } else {
+    const at::Tensor pos = in.positions->to(at::kLong);
+    const at::Tensor valid = pos.ge(0).logical_and(pos.lt(cos.size(0)));
+    const at::Tensor rows = at::where(valid, pos, at::zeros_like(pos)).reshape({-1});
+    const at::Tensor invalid = valid.logical_not().unsqueeze(-1);
+    const auto nan = std::numeric_limits<double>::quiet_NaN();
+    const int64_t batch = pos.size(0);
+    cos_rows = cos.index_select(0, rows).view({batch, seq, half}).masked_fill(invalid, nan).unsqueeze(1);
+    sin_rows = sin.index_select(0, rows).view({batch, seq, half}).masked_fill(invalid, nan).unsqueeze(1);
   }
-  const at::Tensor pos = in.positions->to(at::kLong);
-  const at::Tensor valid = pos.ge(0).logical_and(pos.lt(cos.size(0)));
-  const at::Tensor rows = at::where(valid, pos, at::zeros_like(pos)).reshape({-1});
-  const at::Tensor invalid = valid.logical_not().unsqueeze(-1);
-  const auto nan = std::numeric_limits<double>::quiet_NaN();
-  const int64_t batch = pos.size(0);
-  at::Tensor cos_rows = cos.index_select(0, rows).view({batch, seq, half}).masked_fill(invalid, nan);
-  at::Tensor sin_rows = sin.index_select(0, rows).view({batch, seq, half}).masked_fill(invalid, nan);
-  return {cos_rows.unsqueeze(1), sin_rows.unsqueeze(1)};
+  cos_rows = cos_rows.to(compute);
+  sin_rows = sin_rows.to(compute);
+  return {cos_rows, inverse ? sin_rows.neg() : sin_rows};
 }
 
 void rotate_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
