@@ -94,6 +94,30 @@ def test_sequence_lengths(device: str, dtype: torch.dtype, batch: int, seq: int,
     check_forward(RopeCase(dtype=dtype, batch=batch, seq=seq, positions=positions, layout="bshd"), device)
 
 
+# The CUDA launcher runs launches of at least this many head vectors (tokens x (q + k heads)) with
+# the "wide grid" kernels and smaller ones with the "narrow grid" kernels (kNarrowBelowHeadVectors
+# in csrc/cuda/kernel_table.h); the other tests here are small, so they check the narrow ones.
+WIDE_GRID_HEAD_VECTORS = 16384
+WIDE_CASES = [  # (layout, positions, table dtype): heads-fastest and tokens-fastest program orders
+    ("bshd", "none", "same"),
+    ("bhsd", "bs:int32", "fp32"),
+    ("qkv", "s:int64", "same"),
+    ("padded", "sb:int64", "fp32"),
+]
+
+
+@pytest.mark.parametrize(("layout", "positions", "table_dtype"), WIDE_CASES, ids=["-".join(c) for c in WIDE_CASES])
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
+@pytest.mark.parametrize(("device", "dtype"), device_dtype_params(("fp16", "bf16", "fp32")))
+def test_wide_grids(device: str, dtype: torch.dtype, head_dim: int, layout: str, positions: str,
+                    table_dtype: str) -> None:
+    # 13 and 3 heads: no multiple of any heads-per-program value, so every last block is partial.
+    case = RopeCase(dtype=dtype, batch=2, seq=700, heads_q=13, heads_k=3, head_dim=head_dim, layout=layout,
+                    positions=positions, table_dtype=table_dtype)
+    assert case.batch * case.seq * (case.heads_q + case.heads_k) >= WIDE_GRID_HEAD_VECTORS
+    check_forward(case, device)
+
+
 @pytest.mark.parametrize("head_dim", [258, 512])
 def test_cpu_takes_any_even_head_dim(head_dim: int) -> None:
     # The CUDA kernels stop at 256; the CPU implementation has no such limit.
