@@ -95,9 +95,13 @@ class BuildWithCMake(build_ext):
         if cuda_root:
             configure.append(f"-DCUDAToolkit_ROOT={cuda_root}")
             configure.append(f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_root}")
+        # The build follows the environment of this call, not of the one before: an option that is
+        # not set now is dropped from the CMake cache, so that CMakeLists.txt's default applies again.
         for option in ("ROPE_WITH_CUDA", "ROPE_CUDA_ARCHS", "ROPE_AOT_JOBS", "ROPE_AOT_CACHE_DIR"):
             if option in os.environ:
                 configure.append(f"-D{option}={os.environ[option]}")
+            else:
+                configure.append(f"-U{option}")
         subprocess.run(configure, check=True)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.run(["cmake", "--build", str(build_dir), "--target", ext.target, "-j", jobs], check=True)
@@ -106,7 +110,11 @@ class BuildWithCMake(build_ext):
         check_shared_cxx_runtime(built)
         destination = Path(self.get_ext_fullpath(ext.name))
         destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(built, destination)
+        # Into place by rename: a process that has the old library loaded keeps its (unlinked)
+        # file, where overwriting it in place would change the code under it.
+        staging = destination.with_name(destination.name + ".tmp")
+        shutil.copyfile(built, staging)
+        os.replace(staging, destination)
         # Read at import, before the library is loaded, to explain a torch mismatch in words
         # instead of an undefined-symbol error.
         built_with = {"torch": torch.__version__, "cuda": torch.version.cuda}
