@@ -88,4 +88,22 @@ inline int run_test(const char* name, const std::function<void()>& body) {
   return 0;
 }
 
+// main() of a program that checks fixtures Python saved: `program FIXTURE_DIR`, the check run on
+// every device, then the check that no Python came into the process.
+inline int run_fixture_test(int argc, char** argv, const char* name,
+                            const std::function<void(const std::string&, const at::Device&)>& check) {
+  if (argc != 2) {
+    std::cerr << "usage: " << argv[0] << " FIXTURE_DIR" << std::endl;
+    return 2;
+  }
+  const std::string fixture_dir = argv[1];
+  return run_test(name, [&] {
+    for (const at::Device& device : devices()) {
+      check(fixture_dir, device);
+      std::cout << "checked on " << device << std::endl;
+    }
+    expect_no_python();
+  });
+}
+
 }  // namespace rope_test

@@ -51,16 +51,5 @@ void run_saved_model(const std::string& fixture_dir, const at::Device& device) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::cerr << "usage: " << argv[0] << " FIXTURE_DIR" << std::endl;
-    return 2;
-  }
-  const std::string fixture_dir = argv[1];
-  return rope_test::run_test("torchscript_module", [&] {
-    for (const at::Device& device : rope_test::devices()) {
-      run_saved_model(fixture_dir, device);
-      std::cout << "checked on " << device << std::endl;
-    }
-    rope_test::expect_no_python();
-  });
+  return rope_test::run_fixture_test(argc, argv, "torchscript_module", &run_saved_model);
 }
