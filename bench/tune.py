@@ -100,7 +100,7 @@ def launcher(kernel: Any, inputs: Inputs, q_out: torch.Tensor, k_out: torch.Tens
     cos, sin, pos = inputs.table_cos, inputs.table_sin, inputs.positions
     batch, heads_q, seq, head_dim = q.shape
     heads_k = k.shape[1]
-    n_blocks = -(-heads_q // shape.block_h) + -(-heads_k // shape.block_h)
+    n_blocks = -(-(heads_q + heads_k) // shape.block_h)  # q's heads then k's, one axis
     grid = (batch * seq * n_blocks,) if shape.heads_fastest else (batch * seq, n_blocks)
     pos_arg = pos if pos is not None else q  # never read without HAS_POS
     pos_strides = (pos.stride(0), pos.stride(1)) if pos is not None else (0, 0)
@@ -221,8 +221,8 @@ def recommend(records: Dict[str, Dict[str, Any]]) -> Dict[int, Dict[str, Any]]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", default="all", help="comma-separated names (default: all)")
-    parser.add_argument("--block-h", default="1,2,4,8,16,32", help="heads per program to try")
-    parser.add_argument("--warps", default="1,2,4,8", help="warps per program to try")
+    parser.add_argument("--block-h", default="1,2,4,8,16,32,64", help="heads per program to try")
+    parser.add_argument("--warps", default="1,2,4,8,16", help="warps per program to try")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--out", default=None, help="write the figures to this JSON file")
     args = parser.parse_args(argv)

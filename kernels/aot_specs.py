@@ -75,21 +75,21 @@ class LaunchShape:
 # measured a key, the entry keeps the per-thread work of its measured neighbour (the same pairs of
 # elements per thread and warps), marked "by analogy".
 SM90_LAUNCH_SHAPES: dict[tuple[int, int, bool], LaunchShape] = {
-    # 16-bit q/k, wide grids: one warp, 16 pairs per thread (16-byte accesses).
-    (2, 16, False): LaunchShape(block_h=32, num_warps=1),  # by analogy
-    (2, 32, False): LaunchShape(block_h=16, num_warps=1),  # hd64-mha
-    (2, 64, False): LaunchShape(block_h=8, num_warps=1),  # llama8b-train, long-128k, seed-example
-    (2, 128, False): LaunchShape(block_h=4, num_warps=1),  # hd256-gemma
+    # 16-bit q/k, wide grids: two warps, 8 to 16 pairs per thread (16-byte accesses).
+    (2, 16, False): LaunchShape(block_h=32, num_warps=2),  # by analogy
+    (2, 32, False): LaunchShape(block_h=32, num_warps=2),  # hd64-mha
+    (2, 64, False): LaunchShape(block_h=16, num_warps=2),  # llama8b-train, long-128k, seed-example
+    (2, 128, False): LaunchShape(block_h=4, num_warps=2),  # hd256-gemma
     # 16-bit q/k, narrow grids: four warps, 4 pairs per thread (more loads in flight per program).
     (2, 16, True): LaunchShape(block_h=32, num_warps=4),  # by analogy
     (2, 32, True): LaunchShape(block_h=16, num_warps=4),  # by analogy
     (2, 64, True): LaunchShape(block_h=8, num_warps=4),  # decode-b1, decode-b64, small-prefill
     (2, 128, True): LaunchShape(block_h=4, num_warps=4),  # by analogy
-    # 32-bit q/k, wide grids: two warps, 4 pairs per thread (16-byte accesses).
-    (4, 16, False): LaunchShape(block_h=16, num_warps=2),  # by analogy
-    (4, 32, False): LaunchShape(block_h=8, num_warps=2),  # by analogy
-    (4, 64, False): LaunchShape(block_h=4, num_warps=2),  # fp32
-    (4, 128, False): LaunchShape(block_h=2, num_warps=2),  # by analogy
+    # 32-bit q/k, wide grids: four warps, 4 pairs per thread (16-byte accesses).
+    (4, 16, False): LaunchShape(block_h=32, num_warps=4),  # by analogy
+    (4, 32, False): LaunchShape(block_h=16, num_warps=4),  # by analogy
+    (4, 64, False): LaunchShape(block_h=8, num_warps=4),  # fp32
+    (4, 128, False): LaunchShape(block_h=4, num_warps=4),  # by analogy
     # 32-bit q/k, narrow grids: four warps, 4 pairs per thread.
     (4, 16, True): LaunchShape(block_h=32, num_warps=4),  # by analogy
     (4, 32, True): LaunchShape(block_h=16, num_warps=4),  # by analogy
@@ -102,6 +102,15 @@ MEASURED_LAUNCH_SHAPES: dict[int, dict[tuple[int, int, bool], LaunchShape]] = {9
 DEFAULT_LAUNCH_SHAPES = SM90_LAUNCH_SHAPES
 
 ELEMENT_SIZES = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+# The largest heads-per-program value a table may hold. The launcher falls back from the 2-D grid
+# (at most 65535 head blocks) to the 1-D one above that, and tests/test_forward.py checks the
+# fallback with a head count past 65535 blocks of this size.
+MAX_BLOCK_H = 64
+for _table in MEASURED_LAUNCH_SHAPES.values():
+    for _key, _shape in _table.items():
+        if not (1 <= _shape.block_h <= MAX_BLOCK_H and _shape.block_h & (_shape.block_h - 1) == 0):
+            raise ValueError(f"launch shape {_key}: block_h {_shape.block_h} must be a power of two <= {MAX_BLOCK_H}")
 
 
 def launch_shape(arch: int, qk_dtype: str, block_d2: int, narrow: bool) -> LaunchShape:

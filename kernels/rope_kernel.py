@@ -1,15 +1,17 @@
 """Triton source of the fused RoPE kernel (compiled ahead of time, never JIT-launched by the library).
 
-Each program rotates BLOCK_H consecutive heads of one token t = b * seq_len + s. Head blocks
-0 .. cdiv(n_heads_q, BLOCK_H) - 1 cover q, the rest cover k, so q and k share one launch (GQA: k
-may have fewer heads). The launcher picks the order in which programs walk (token, head block) to
-follow memory: heads fastest for a (B, S, H, D) layout (a one-dimensional grid), tokens fastest
-for (B, H, S, D) (grid (tokens, head blocks)); the kernel tells them apart by the grid's y extent.
+Each program rotates BLOCK_H consecutive heads of one token t = b * seq_len + s, counted along
+one axis that holds q's heads and then k's: head block j covers heads j * BLOCK_H ... of that
+axis, so q and k share one launch (GQA: k may have fewer heads), a block may hold heads of both,
+and with BLOCK_H >= n_heads_q + n_heads_k one program rotates the whole token. The launcher picks
+the order in which programs walk (token, head block) to follow memory: heads fastest for a
+(B, S, H, D) layout (a one-dimensional grid), tokens fastest for (B, H, S, D) (grid (tokens, head
+blocks)); the kernel tells them apart by the grid's y extent.
 
-Splitting a token's heads over several programs keeps every SM busy when there are few tokens (decode, short prefill), where one program
-per token would leave most of the GPU idle and serialize the head loop; for many tokens the extra
-programs cost nothing measurable (bench/NOTES.md has the figures). BLOCK_H and the warp count come
-from the measured table in aot_specs.py.
+The table in aot_specs.py sets BLOCK_H and the warp count per element size, head-dim block and
+grid class, from measurements: bandwidth-bound launches want many small programs, latency-bound
+ones (decode, short prefill) few programs holding all of a token's heads (bench/NOTES.md has the
+figures).
 
 q, k and the outputs are addressed through their batch/head/sequence strides, so a transposed view
 of a (B, S, H, D) projection is read where it lies. The last dimension is always contiguous (the
@@ -37,11 +39,10 @@ def rope_qk_kernel(
     BLOCK_H: tl.constexpr,  # heads per program
     HAS_POS: tl.constexpr,  # positions tensor given (int32 or int64, from pos_ptr's type)
 ):
-    q_blocks = tl.cdiv(n_heads_q, BLOCK_H)
     if tl.num_programs(1) == 1:
         # Heads fastest: program p is head block p % n_blocks of token p // n_blocks, so programs
         # that run together read neighbouring memory when a token's heads lie together (B, S, H, D).
-        n_blocks = q_blocks + tl.cdiv(n_heads_k, BLOCK_H)
+        n_blocks = tl.cdiv(n_heads_q + n_heads_k, BLOCK_H)
         program = tl.program_id(0)
         token = program // n_blocks
         head_block = program - token * n_blocks
@@ -54,28 +55,25 @@ def rope_qk_kernel(
     b = b32.to(tl.int64)
     s = (token - b32 * seq_len).to(tl.int64)
 
-    # Which tensor this program rotates: a uniform branch, so both sides are plain scalars.
-    if head_block < q_blocks:
-        src = q_ptr + b * q_stride_b + s * q_stride_s
-        dst = q_out_ptr + b * q_out_stride_b + s * q_out_stride_s
-        src_stride_h = q_stride_h
-        dst_stride_h = q_out_stride_h
-        n_heads = n_heads_q
-        first_head = head_block * BLOCK_H
-    else:
-        src = k_ptr + b * k_stride_b + s * k_stride_s
-        dst = k_out_ptr + b * k_out_stride_b + s * k_out_stride_s
-        src_stride_h = k_stride_h
-        dst_stride_h = k_out_stride_h
-        n_heads = n_heads_k
-        first_head = (head_block - q_blocks) * BLOCK_H
-
+    # The block's rows index q's heads and then k's as one axis: row r is q head r while
+    # r < n_heads_q and k head r - n_heads_q after that. A block may straddle the two, so a
+    # token's q and k heads fill whole blocks (40 heads take one block of 64, not 32 + 32), and
+    # one program can rotate every head of a token with a single cos/sin row.
+    heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
+    is_q = (heads < n_heads_q)[:, None]
+    k_heads = heads - n_heads_q  # negative on q's rows, whose k addresses are never used
     d = tl.arange(0, BLOCK_D2)
     d_ok = d < half_dim
-    heads = first_head + tl.arange(0, BLOCK_H)
-    mask = (heads < n_heads)[:, None] & d_ok[None, :]
-    src_tile = src + heads.to(tl.int64)[:, None] * src_stride_h + d[None, :]
-    dst_tile = dst + heads.to(tl.int64)[:, None] * dst_stride_h + d[None, :]
+    mask = (heads < n_heads_q + n_heads_k)[:, None] & d_ok[None, :]
+    q_tile = b * q_stride_b + s * q_stride_s + heads.to(tl.int64)[:, None] * q_stride_h + d[None, :]
+    k_tile = b * k_stride_b + s * k_stride_s + k_heads.to(tl.int64)[:, None] * k_stride_h + d[None, :]
+    q_out_tile = b * q_out_stride_b + s * q_out_stride_s + heads.to(tl.int64)[:, None] * q_out_stride_h + d[None, :]
+    k_out_tile = b * k_out_stride_b + s * k_out_stride_s + k_heads.to(tl.int64)[:, None] * k_out_stride_h + d[None, :]
+    # Chosen per element between whole pointer tiles: the condition is constant along a row, so
+    # the compiler keeps the rows' 16-byte vector accesses (a choice between per-row base
+    # pointers, broadcast afterwards, loses them: measured in the PTX, Triton 3.8).
+    src_tile = tl.where(is_q, q_ptr + q_tile, k_ptr + k_tile)
+    dst_tile = tl.where(is_q, q_out_ptr + q_out_tile, k_out_ptr + k_out_tile)
 
     # q/k first: their addresses need no other load, so they are in flight while the position
     # and then its cos/sin row (a chain of two dependent loads) arrive.
@@ -94,6 +92,6 @@ def rope_qk_kernel(
     sin = tl.load(sin_ptr + row * sin_stride_row + d, mask=d_ok & row_ok, other=float("nan")).to(tl.float32)
     sin = sin * sin_sign  # int32 times float32 is float32 (and a plain 1 where Triton specializes it)
 
-    out_ty = dst.dtype.element_ty
+    out_ty = q_out_ptr.dtype.element_ty
     tl.store(dst_tile, (x1 * cos[None, :] - x2 * sin[None, :]).to(out_ty), mask=mask)
     tl.store(dst_tile + half_dim, (x2 * cos[None, :] + x1 * sin[None, :]).to(out_ty), mask=mask)

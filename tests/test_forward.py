@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import rope_kernels
-from rope_env import DEVICES, device_dtype_params
+from rope_env import DEVICES, device_dtype_params, requires_cuda
 from rope_reference import (LAYOUTS, POSITIONS, RopeArgs, RopeCase, assert_close_to_reference,
                             assert_fresh_outputs, assert_output_layout, assert_unchanged, make_args,
                             poison_allocator, reference_fused_qk, snapshot)
@@ -111,11 +111,22 @@ WIDE_CASES = [  # (layout, positions, table dtype): heads-fastest and tokens-fas
 @pytest.mark.parametrize(("device", "dtype"), device_dtype_params(("fp16", "bf16", "fp32")))
 def test_wide_grids(device: str, dtype: torch.dtype, head_dim: int, layout: str, positions: str,
                     table_dtype: str) -> None:
-    # 13 and 3 heads: no multiple of any heads-per-program value, so every last block is partial.
+    # 13 q heads and 3 k heads, counted along one axis (q's, then k's): for every heads-per-program
+    # value above 1 some block holds heads of both, and no value divides 13, so blocks are partial.
     case = RopeCase(dtype=dtype, batch=2, seq=700, heads_q=13, heads_k=3, head_dim=head_dim, layout=layout,
                     positions=positions, table_dtype=table_dtype)
     assert case.batch * case.seq * (case.heads_q + case.heads_k) >= WIDE_GRID_HEAD_VECTORS
     check_forward(case, device)
+
+
+@requires_cuda
+def test_more_head_blocks_than_the_2d_grid_takes() -> None:
+    # A (B, H, S, D) launch walks tokens fastest on a grid (tokens, head blocks), and CUDA caps a
+    # grid's y extent at 65535. With more head blocks than that, even at the largest
+    # heads-per-program value (64), the launcher must fall back to the 1-D order, not fail.
+    case = RopeCase(dtype=torch.bfloat16, batch=1, seq=2, heads_q=65535 * 64 + 5, heads_k=3, head_dim=2,
+                    layout="bhsd", positions="bs:int32", table_dtype="same")
+    check_forward(case, "cuda")
 
 
 @pytest.mark.parametrize("head_dim", [258, 512])

@@ -299,14 +299,21 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
               ": the sm_", arch->arch, " kernel ", image.function_name, " expects ", image.num_trailing_null_params,
               " trailing scratch pointers; this launcher passes at most ", kMaxTrailingNullParams);
 
-  // A program rotates one block of block_h heads (of q, then past q's blocks, of k) of one token;
-  // see rope_kernel.py. The programs walk (token, head block) in memory order: heads fastest (a
-  // one-dimensional grid) where a token's heads lie closer together than neighbouring tokens,
-  // as in (B, S, H, D); else tokens fastest, grid (tokens, head blocks), as for (B, H, S, D).
+  // A program rotates one block of block_h heads of one token, counted along q's heads followed
+  // by k's (a block may hold both); see rope_kernel.py. The programs walk (token, head block) in
+  // memory order: heads fastest (a one-dimensional grid) where a token's heads lie closer
+  // together than neighbouring tokens, as in (B, S, H, D); else tokens fastest, grid (tokens,
+  // head blocks), as for (B, H, S, D).
   TORCH_CHECK(image.block_h > 0, op, ": internal error: the sm_", arch->arch, " kernel ", image.function_name,
               " has no heads-per-program value");
-  const int64_t head_blocks = ceil_div(in.q.size(1), image.block_h) + ceil_div(in.k.size(1), image.block_h);
-  const bool heads_fastest = seq_len == 1 || in.q.stride(1) <= in.q.stride(2);
+  const int64_t heads = in.q.size(1) + in.k.size(1);
+  // The kernel counts heads in 32 bits, up to the end of the last block.
+  TORCH_CHECK(heads <= kInt32Max - image.block_h, op, ": q and k have ", in.q.size(1), " + ", in.k.size(1),
+              " heads, more than the CUDA kernel's 32-bit head index takes");
+  const int64_t head_blocks = ceil_div(heads, image.block_h);
+  // The 2-D grid's y extent is limited to 65535; beyond that many head blocks (a million heads
+  // and more) the 1-D order is used whatever the layout: slower to walk, equally correct.
+  const bool heads_fastest = seq_len == 1 || in.q.stride(1) <= in.q.stride(2) || head_blocks > kMaxGridY;
   int64_t grid_x = tokens;
   int64_t grid_y = head_blocks;
   if (heads_fastest || head_blocks == 1) {
@@ -314,9 +321,6 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
                 " tokens of ", in.q.size(1), " + ", in.k.size(1), " heads exceed the CUDA grid limit of 2^31 - 1 "
                 "programs of ", image.block_h, " heads");
     grid_y = 1;
-  } else {
-    TORCH_CHECK(head_blocks <= kMaxGridY, op, ": q and k have ", in.q.size(1), " + ", in.k.size(1),
-                " heads, more than the CUDA grid takes (", kMaxGridY, " blocks of ", image.block_h, " heads)");
   }
 
   make_primary_context_current(op, device);
