@@ -98,7 +98,9 @@ def main() -> int:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    dist.init_process_group(args.backend)
+    # The device named up front: NCCL then binds this rank's GPU at once, and collectives such as
+    # the barrier below do not have to guess it from the current device.
+    dist.init_process_group(args.backend, device_id=device if device.type == "cuda" else None)
     local = args.global_batch // world
     ddp_losses = train(device, slice(rank * local, (rank + 1) * local), args, ddp=True)
     # Both ranks finish every collective before the teardown: a rank that tears gloo down while

@@ -178,12 +178,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("run under torchrun (torchrun --nproc-per-node 2 ...)", file=sys.stderr)
         return 2
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    gpu = None
     if args.backend == "nccl":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        gpu = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(gpu)
         device, dtypes = "cuda", [torch.bfloat16, torch.float32]
     else:
         device, dtypes = "cpu", [torch.float32, torch.float64]
-    dist.init_process_group(args.backend)
+    # The GPU named up front binds NCCL to it at once (collectives need not guess the device).
+    dist.init_process_group(args.backend, device_id=gpu)
     mesh = init_device_mesh(device, (world,))
 
     def report(line: str) -> None:
