@@ -191,6 +191,8 @@ def measure_workload(workload: Workload, candidates: List[Tuple[Candidate, Optio
             estimate = entry["forward"]["wall_us"] or DEFAULT_ESTIMATE_US
             _store(entry, "host_us", _safe(lambda: timer.host_us(done.forward, estimate)))
         if workload.decode and timer.kind == "cuda":
+            # The copy of the same bytes in a graph: what the decode rows' graph times compare to.
+            _store(record["floor"], "graph_us", _safe(lambda: timer.graph_us(figures[0].fn)))
             for done in prepared:  # last: a failed capture must not disturb the other figures
                 _store(record["candidates"][done.candidate.key], "graph_us",
                        _safe(lambda: timer.graph_us(done.forward)))

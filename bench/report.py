@@ -90,11 +90,13 @@ def summary_tables(results: Dict[str, Any]) -> List[Dict[str, Any]]:
     rows = []
     for workload in results["workloads"]:
         if workload.get("decode") and not workload.get("skipped"):
-            rows.append([workload["name"]] +
+            floor = workload.get("floor") or {}
+            copy_cell = "err" if floor.get("graph_us_error") else _number(floor.get("graph_us"), 2)
+            rows.append([workload["name"], copy_cell] +
                         [_single_cell(workload["candidates"].get(key, {}), "graph_us", 2) for key in keys])
     if rows and results["meta"]["device"].startswith("cuda"):
         tables.append({"title": "GPU µs per call inside a CUDA graph (decode, forward, no grad)",
-                       "header": ["workload"] + names, "rows": rows})
+                       "header": ["workload", "copy"] + names, "rows": rows})
 
     cold = results.get("cold_start") or {}
     if cold.get("results"):

@@ -203,3 +203,27 @@ def test_kernel_times_survive_a_marker_alike_kernel() -> None:
     times = timer.kernel_times(figures)  # segments no longer match: one profile per figure
     assert times["floor"] == pytest.approx(4.0)
     assert "segments" in str(times["marker-alike"])
+
+
+def test_graph_table_shows_the_copy_next_to_the_candidates() -> None:
+    # The decode rows' CUDA-graph figures are absolute (µs); the copy of the same bytes, captured
+    # the same way, is what they are read against.
+    from bench.report import summary_tables
+    ok = {"status": "ok", "forward": {}, "backward": {}}
+    results = {
+        "meta": {"device": "cuda:0", "implementations": {"ours": {"label": "rope_kernels"},
+                                                         "liger": {"label": "Liger"}}},
+        "workloads": [
+            {"name": "decode-b1", "decode": True, "floor": {"graph_us": 1.11},
+             "candidates": {"ours": dict(ok, graph_us=1.48), "liger": dict(ok, graph_us=1.43)}},
+            {"name": "decode-b64", "decode": True, "floor": {"graph_us": None, "graph_us_error": "capture failed"},
+             "candidates": {"ours": dict(ok, graph_us=2.01), "liger": {"status": "unavailable"}}},
+            {"name": "llama8b-train", "decode": False, "floor": {}, "candidates": {"ours": ok, "liger": ok}},
+        ],
+    }
+    graph = [t for t in summary_tables(results) if t["title"].startswith("GPU µs per call inside a CUDA graph")]
+    assert len(graph) == 1
+    assert graph[0]["header"] == ["workload", "copy", "rope_kernels", "Liger"]
+    assert graph[0]["rows"][0] == ["decode-b1", "1.11", "1.48", "1.43"]
+    assert graph[0]["rows"][1][:3] == ["decode-b64", "err", "2.01"]
+    assert len(graph[0]["rows"]) == 2  # decode rows only
