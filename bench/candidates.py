@@ -1,11 +1,13 @@
 """The implementations measured side by side, each behind the same small interface.
 
 - ours:    torch.ops.rope.fused_qk on the full-width table (with positions for decode rows)
+- ours-rows: rope_kernels.apply_rotary_pos_emb (the Hugging Face drop-in) on the rows of each
+           token, as the peers get them: no position -> table-row lookup inside the kernel
 - eager:   Hugging Face's apply_rotary_pos_emb (rotate_half) in eager PyTorch
 - compile: the same function under torch.compile, compiled afresh for every workload
 - liger:   Liger-Kernel's Triton RoPE (LigerRopeFunction), which rotates q and k in place
 
-The three Hugging Face-style candidates take the table rows of each token, (1 or B, S, D), as
+The Hugging Face-style candidates (all but ours) take the table rows of each token, (1 or B, S, D), as
 the model's rotary embedding hands them over. Nothing is imported until load(), so that the
 cold-start measurement sees each import on its own.
 """
@@ -87,6 +89,23 @@ class Ours(Candidate):
         op = torch.ops.rope.fused_qk
         q, k, cos, sin, positions = inputs.q, inputs.k, inputs.table_cos, inputs.table_sin, inputs.positions
         return lambda: op(q, k, cos, sin, positions)
+
+
+class OursRows(Ours):
+    """The library on the same inputs as the peers: per-token rows instead of table + positions.
+
+    Decoding rows differ most: from a table the kernel reads the position, then the row (two
+    dependent reads); here it reads the row directly, as Liger does.
+    """
+
+    key = "ours-rows"
+    label = "rope_kernels (rows)"
+
+    def bind(self, inputs: Inputs) -> BoundCall:
+        assert self._module is not None, "load() first"
+        apply = self._module.apply_rotary_pos_emb
+        q, k, cos, sin = inputs.q, inputs.k, inputs.token_cos, inputs.token_sin
+        return lambda: apply(q, k, cos, sin)
 
 
 class Eager(Candidate):
@@ -198,7 +217,7 @@ class Liger(Candidate):
 
 
 CANDIDATE_TYPES: Dict[str, Callable[[], Candidate]] = {
-    "ours": Ours, "eager": Eager, "compile": Compiled, "liger": Liger}
+    "ours": Ours, "ours-rows": OursRows, "eager": Eager, "compile": Compiled, "liger": Liger}
 CANDIDATE_KEYS: List[str] = list(CANDIDATE_TYPES)
 
 

@@ -122,7 +122,7 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "results"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT / "python"), env.get("PYTHONPATH", "")) if p)
-    command = [sys.executable, "-m", "bench", "--device", "cpu", "--smoke", "--impls", "ours,eager",
+    command = [sys.executable, "-m", "bench", "--device", "cpu", "--smoke", "--impls", "ours,ours-rows,eager",
                "--workloads", "seed-example,decode-b64", "--cold-start-workload", "decode-b1", "--out", str(out)]
     proc = subprocess.run(command, cwd=str(REPO_ROOT), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -131,7 +131,7 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     results = json.loads((out / "results.json").read_text())
     assert [w["name"] for w in results["workloads"]] == ["seed-example", "decode-b64"]
     for workload in results["workloads"]:
-        for key in ("ours", "eager"):
+        for key in ("ours", "ours-rows", "eager"):
             entry = workload["candidates"][key]
             assert entry["status"] == "ok", entry
             assert entry["check"]["forward"]["passed"] and entry["check"]["backward"]["passed"]
