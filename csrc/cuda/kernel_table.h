@@ -40,7 +40,7 @@ struct KernelImage {
   int num_warps;
   int shared_bytes;            // metadata.shared
   int num_trailing_null_params;// pointer params Triton appends (global/profile scratch): passed as null
-  int block_h;                 // heads per program: sets the launch grid's y extent
+  int block_h;                 // heads per program, counted over q's heads then k's: sets the head blocks per token
 };
 struct ArchKernels { int arch; const KernelImage* kernels; };  // arch = 10*major + minor; kNumVariants entries
 extern const ArchKernels kBuiltArchs[];
