@@ -62,12 +62,23 @@ OPTIONAL_ARCHS = (100, 120)
 DEFAULT_ARCHS = REQUIRED_ARCHS + OPTIONAL_ARCHS
 
 
+# The largest heads-per-program value a table may hold. The launcher falls back from the 2-D grid
+# (at most 65535 head blocks) to the 1-D one above that, and tests/test_forward.py checks the
+# fallback with a head count past 65535 blocks of this size.
+MAX_BLOCK_H = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class LaunchShape:
     """Heads per program (BLOCK_H) and warps per program."""
 
     block_h: int
     num_warps: int
+
+    def __post_init__(self) -> None:
+        # tl.arange needs a power of two.
+        if not (1 <= self.block_h <= MAX_BLOCK_H and self.block_h & (self.block_h - 1) == 0):
+            raise ValueError(f"block_h {self.block_h} must be a power of two <= {MAX_BLOCK_H}")
 
 
 # Key: (bytes per q/k element, BLOCK_D2, narrow grid). Measured with `python -m bench.tune` on an
@@ -102,15 +113,6 @@ MEASURED_LAUNCH_SHAPES: dict[int, dict[tuple[int, int, bool], LaunchShape]] = {9
 DEFAULT_LAUNCH_SHAPES = SM90_LAUNCH_SHAPES
 
 ELEMENT_SIZES = {"fp16": 2, "bf16": 2, "fp32": 4}
-
-# The largest heads-per-program value a table may hold. The launcher falls back from the 2-D grid
-# (at most 65535 head blocks) to the 1-D one above that, and tests/test_forward.py checks the
-# fallback with a head count past 65535 blocks of this size.
-MAX_BLOCK_H = 64
-for _table in MEASURED_LAUNCH_SHAPES.values():
-    for _key, _shape in _table.items():
-        if not (1 <= _shape.block_h <= MAX_BLOCK_H and _shape.block_h & (_shape.block_h - 1) == 0):
-            raise ValueError(f"launch shape {_key}: block_h {_shape.block_h} must be a power of two <= {MAX_BLOCK_H}")
 
 
 def launch_shape(arch: int, qk_dtype: str, block_d2: int, narrow: bool) -> LaunchShape:
