@@ -131,17 +131,15 @@ RopeInputs check_and_normalize(const char* op, const at::Tensor& q, const at::Te
   return in;
 }
 
-namespace {
-
-// A fresh dense tensor with t's dimension order (outer dims by decreasing stride, the last dim
-// innermost because the kernels write it contiguously). For a dense t this is the layout
+// The strides of a fresh dense tensor with t's dimension order (outer dims by decreasing stride,
+// the last dim innermost because the kernels write it contiguously). For a dense t this is the layout
 // torch.empty_like(t) gives; a view with gaps (a slice of a fused qkv projection), for which
 // empty_like would fall back to contiguous (B, H, S, D), keeps its (B, S, H, D) order too, so the
 // attention kernel downstream sees the layout it would have seen without RoPE.
 // The strides are computed here rather than by empty_like, whose fake-tensor version orders
 // size-1 dims differently: this way the Meta kernel's strides equal the real ones exactly.
 // SymInt-safe, for the Meta kernel under dynamic shapes.
-at::Tensor output_like(const at::Tensor& t) {
+c10::SmallVector<c10::SymInt, 4> output_strides(const at::Tensor& t) {
   const int64_t n = t.dim();
   // Outer dims ordered outermost first by decreasing stride; insertion sort keeps ties in order.
   c10::SmallVector<int64_t, 4> order(n - 1);
@@ -152,7 +150,7 @@ at::Tensor output_like(const at::Tensor& t) {
     }
   }
   order.push_back(n - 1);
-  // Dense strides in that order, innermost first; one allocation, no permuted view on top.
+  // Dense strides in that order, innermost first: one allocation, no permuted view on top.
   c10::SmallVector<c10::SymInt, 4> strides(n);
   c10::SymInt running = 1;
   for (int64_t i = n - 1; i >= 0; --i) {
@@ -165,7 +163,14 @@ at::Tensor output_like(const at::Tensor& t) {
       running = running * size;
     }
   }
-  return at::empty_strided_symint(t.sym_sizes(), strides, t.options());
+  return strides;
+}
+
+namespace {
+
+// A fresh dense tensor with t's dimension order: see output_strides.
+at::Tensor output_like(const at::Tensor& t) {
+  return at::empty_strided_symint(t.sym_sizes(), output_strides(t), t.options());
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/SymInt.h>
+#include <c10/util/SmallVector.h>
 
 #include <optional>
 #include <tuple>
@@ -26,7 +27,11 @@ RopeInputs check_and_normalize(const char* op_name, const at::Tensor& q, const a
                                const at::Tensor& cos, const at::Tensor& sin,
                                const std::optional<at::Tensor>& positions);
 
-// Fresh outputs with the inputs' dimension order (see output_like in rope_inputs.cpp).
+// The strides of a fresh dense tensor with t's dimension order (see rope_inputs.cpp): what every
+// backend gives its outputs, so that the Meta kernel's strides equal the real ones.
+c10::SmallVector<c10::SymInt, 4> output_strides(const at::Tensor& t);
+
+// Fresh outputs with those strides, through the dispatcher (CPU, Meta).
 std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& q, const at::Tensor& k);
 
 }  // namespace rope_kernels

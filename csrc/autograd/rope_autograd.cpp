@@ -42,8 +42,8 @@ struct RotateFunction : public torch::autograd::Function<RotateFunction<kInverse
 };
 
 template <bool kInverse>
-std::tuple<at::Tensor, at::Tensor> rotate_autograd(const at::Tensor& q, const at::Tensor& k,
-                                                   const at::Tensor& cos, const at::Tensor& sin,
+std::tuple<at::Tensor, at::Tensor> rotate_autograd(c10::DispatchKeySet keys, const at::Tensor& q,
+                                                   const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
                                                    const std::optional<at::Tensor>& positions) {
   // cos/sin are treated as constants; a silent zero gradient for them would be a wrong answer.
   // Checked here, not in forward(), where autograd has already switched grad mode off.
@@ -56,9 +56,11 @@ std::tuple<at::Tensor, at::Tensor> rotate_autograd(const at::Tensor& q, const at
   // than the launch itself on small inputs. A forward-mode tangent still takes apply's path,
   // which refuses it, rather than being dropped here.
   const bool records = at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad());
+  // The kernel is reached by redispatching on the keys this call came with, minus autograd's,
+  // rather than by a fresh call that would compute them again.
   if (!records && !q._fw_grad(/*level=*/0).defined() && !k._fw_grad(/*level=*/0).defined()) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return rotate_op(kInverse).call(q, k, cos, sin, positions);
+    return rotate_op(kInverse).redispatch(keys & c10::after_autograd_keyset, q, k, cos, sin, positions);
   }
   const auto outputs = RotateFunction<kInverse>::apply(q, k, cos, sin, positions);
   return {outputs[0], outputs[1]};

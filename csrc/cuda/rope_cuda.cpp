@@ -4,7 +4,9 @@
 #include "rope_inplace.h"
 #include "rope_inputs.h"
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/Allocator.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
@@ -13,6 +15,20 @@
 
 namespace rope_kernels::cuda {
 namespace {
+
+// A fresh output with output_strides(t), taken straight from the allocator torch registers for
+// CUDA (its caching allocator, on the current device: the caller's guard set it). That is where
+// at::empty_strided ends up too; going there directly skips its dispatch, options parsing and
+// second device guard, host time paid on every call, and decoding is bound by host time.
+at::Tensor cuda_output_like(const at::Tensor& t) {
+  const c10::SmallVector<c10::SymInt, 4> sym_strides = output_strides(t);
+  c10::SmallVector<int64_t, 4> strides;
+  for (const c10::SymInt& stride : sym_strides) {
+    strides.push_back(stride.expect_int());  // real CUDA tensors have concrete sizes
+  }
+  return at::detail::empty_strided_generic(t.sizes(), strides, c10::GetAllocator(c10::DeviceType::CUDA),
+                                           c10::DispatchKeySet(c10::DispatchKey::CUDA), t.scalar_type());
+}
 
 std::tuple<at::Tensor, at::Tensor> rotate_on_cuda(const char* op, const at::Tensor& q, const at::Tensor& k,
                                                   const at::Tensor& cos, const at::Tensor& sin,
@@ -25,7 +41,8 @@ std::tuple<at::Tensor, at::Tensor> rotate_on_cuda(const char* op, const at::Tens
   // symbol, so this library needs neither c10_cuda nor cudart at link time.
   const c10::DeviceGuard device_guard(in.q.device());
   // From the caller's q and k (not their normalized views), as on every other backend.
-  auto [q_out, k_out] = allocate_outputs(q, k);
+  at::Tensor q_out = cuda_output_like(q);
+  at::Tensor k_out = cuda_output_like(k);
   launch_rope(op, in, q_out, k_out, sin_sign);
   return {q_out, k_out};
 }
