@@ -89,7 +89,7 @@ def specialized_like_aot(kernel: Any, specs: Any) -> Any:
     import triton
 
     hinted = set(specs.ALIGNED_HINTED_PARAMS)
-    scalars = [name for name in specs.I32_PARAMS + specs.I64_PARAMS if name not in hinted]
+    scalars = [name for name in specs.I32_PARAMS + specs.STRIDE_PARAMS if name not in hinted]
     pointers = [name for name in specs.POINTER_PARAMS if name not in hinted]
     return triton.jit(kernel.fn, do_not_specialize=scalars, do_not_specialize_on_alignment=pointers)
 

@@ -27,15 +27,7 @@ import aot_specs
 from aot_specs import Variant
 
 # Bump when the cached record format or the way a variant is compiled changes.
-CACHE_FORMAT = 2
-
-# PTX register width of each runtime parameter, in launch order: what the launcher's
-# kernelParams array must match (pointers and i64 are 8 bytes, i32 is 4).
-_EXPECTED_PARAM_BITS = (
-    [64] * len(aot_specs.POINTER_PARAMS)
-    + [32] * len(aot_specs.I32_PARAMS)
-    + [64] * len(aot_specs.I64_PARAMS)
-)
+CACHE_FORMAT = 3
 # Triton appends one pointer parameter per scratch kind its metadata declares (3.6 to 3.9:
 # global and profile scratch, so two). The launcher passes them as null, which is only right
 # while their sizes are 0.
@@ -66,6 +58,7 @@ class CompiledVariant:
     shared: int
     num_trailing_null_params: int
     block_h: int
+    stride_bits: int
     cubin_size: int
     cubin_path: str
 
@@ -124,7 +117,7 @@ def _compile_and_store(job: CompileJob) -> CompiledVariant:
     md = kernel.metadata
     _check_no_scratch(md)
     expected_trailing = sum(1 for field in _SCRATCH_FIELDS if hasattr(md, field))
-    trailing = count_trailing_params(kernel.asm["ptx"], md.name, expected_trailing)
+    trailing = count_trailing_params(kernel.asm["ptx"], md.name, job.variant.param_bits(), expected_trailing)
     cubin: bytes = kernel.asm["cubin"]
     compiled = CompiledVariant(
         arch=job.arch,
@@ -133,6 +126,7 @@ def _compile_and_store(job: CompileJob) -> CompiledVariant:
         shared=md.shared,
         num_trailing_null_params=trailing,
         block_h=job.variant.launch(job.arch).block_h,
+        stride_bits=job.variant.stride_bits,
         cubin_size=len(cubin),
         cubin_path=job.cubin_path,
     )
@@ -199,14 +193,15 @@ def ptx_entry_param_bits(ptx: str, name: str) -> list[int]:
     raise RuntimeError(f"no .entry {name} in the PTX")
 
 
-def count_trailing_params(ptx: str, name: str, expected: int) -> int:
+def count_trailing_params(ptx: str, name: str, expected_bits: list[int], expected: int) -> int:
     """Number of parameters Triton appended after our 29 (PTX params - 29), checking that ours
-    have the widths the launcher passes and that the rest are the `expected` scratch pointers."""
+    have the widths the launcher passes (`expected_bits`, from the variant) and that the rest are
+    the `expected` scratch pointers."""
     bits = ptx_entry_param_bits(ptx, name)
-    ours = bits[:len(_EXPECTED_PARAM_BITS)]
-    trailing = bits[len(_EXPECTED_PARAM_BITS):]
-    if ours != _EXPECTED_PARAM_BITS:
-        raise RuntimeError(f"{name}: PTX parameter widths {ours} != expected {_EXPECTED_PARAM_BITS}")
+    ours = bits[:len(expected_bits)]
+    trailing = bits[len(expected_bits):]
+    if ours != expected_bits:
+        raise RuntimeError(f"{name}: PTX parameter widths {ours} != expected {expected_bits}")
     if len(trailing) != expected or any(b != 64 for b in trailing):
         raise RuntimeError(f"{name}: {len(bits)} PTX parameters; expected {len(ours)} + {expected} "
                            f"scratch pointers, found trailing widths {trailing}")

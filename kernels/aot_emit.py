@@ -42,7 +42,7 @@ _CPP_POS = ("PosKind::kNone", "PosKind::kInt32", "PosKind::kInt64")
 
 # KernelImage fields, in the order the aggregate initializers below fill them.
 _KERNEL_IMAGE_FIELDS = ("cubin", "cubin_size", "function_name", "num_warps", "shared_bytes",
-                        "num_trailing_null_params", "block_h")
+                        "num_trailing_null_params", "block_h", "stride_bits")
 
 
 def write_if_changed(path: Path, data: bytes) -> bool:
@@ -111,10 +111,10 @@ def _asm_block(arch: int, blob_path: Path, blob: bytes) -> list[str]:
 def _entry(variant: Variant, arch: int, compiled: CompiledVariant | None, offset: int) -> str:
     comment = f"/* {variant.index:3d} {variant.label()} */"
     if compiled is None:
-        return f"    {comment} {{nullptr, 0, nullptr, 0, 0, 0, 0}},"
+        return f"    {comment} {{nullptr, 0, nullptr, 0, 0, 0, 0, 0}},"
     fields = (f"{SYMBOL_PREFIX}{arch} + {offset}", str(compiled.cubin_size), _c_string(compiled.name),
               str(compiled.num_warps), str(compiled.shared), str(compiled.num_trailing_null_params),
-              str(compiled.block_h))
+              str(compiled.block_h), str(compiled.stride_bits))
     return f"    {comment} {{{', '.join(fields)}}},"
 
 
@@ -186,7 +186,8 @@ def render_manifest(triton_version: str, kernel_sha256: str, archs: list[int], s
             entries.append({
                 "arch": arch, "index": index, "key": variants[index].key(), "name": c.name,
                 "num_warps": c.num_warps, "shared": c.shared, "block_h": c.block_h,
-                "num_trailing_null_params": c.num_trailing_null_params, "cubin_size": c.cubin_size,
+                "stride_bits": c.stride_bits, "num_trailing_null_params": c.num_trailing_null_params,
+                "cubin_size": c.cubin_size,
             })
     manifest = {
         "triton_version": triton_version,

@@ -88,10 +88,16 @@ def rope_qk_kernel(
     # (documented), which makes the bad input visible instead of silently rotating by a wrong angle.
     row_ok = (row >= 0) & (row < table_rows)
     row = tl.where(row_ok, row, 0)
-    cos = tl.load(cos_ptr + row * cos_stride_row + d, mask=d_ok & row_ok, other=float("nan")).to(tl.float32)
-    sin = tl.load(sin_ptr + row * sin_stride_row + d, mask=d_ok & row_ok, other=float("nan")).to(tl.float32)
+    # The cos/sin row is loaded as a (BLOCK_H, BLOCK_D2) tile repeating it, so that it takes the
+    # layout of the q/k tiles: each thread loads the angles of its own columns (16-byte vectors;
+    # the repeats hit L1). Loaded as a plain row, it is redistributed through shared memory with
+    # barriers in the wide 16-bit launches of D 128 and 256 (measured in the PTX, Triton 3.8).
+    table_cols = tl.broadcast_to(d[None, :], (BLOCK_H, BLOCK_D2))
+    table_mask = tl.broadcast_to((d_ok & row_ok)[None, :], (BLOCK_H, BLOCK_D2))
+    cos = tl.load(cos_ptr + row * cos_stride_row + table_cols, mask=table_mask, other=float("nan")).to(tl.float32)
+    sin = tl.load(sin_ptr + row * sin_stride_row + table_cols, mask=table_mask, other=float("nan")).to(tl.float32)
     sin = sin * sin_sign  # int32 times float32 is float32 (and a plain 1 where Triton specializes it)
 
     out_ty = q_out_ptr.dtype.element_ty
-    tl.store(dst_tile, (x1 * cos[None, :] - x2 * sin[None, :]).to(out_ty), mask=mask)
-    tl.store(dst_tile + half_dim, (x2 * cos[None, :] + x1 * sin[None, :]).to(out_ty), mask=mask)
+    tl.store(dst_tile, (x1 * cos - x2 * sin).to(out_ty), mask=mask)
+    tl.store(dst_tile + half_dim, (x2 * cos + x1 * sin).to(out_ty), mask=mask)

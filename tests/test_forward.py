@@ -129,6 +129,27 @@ def test_more_head_blocks_than_the_2d_grid_takes() -> None:
     check_forward(case, "cuda")
 
 
+@requires_cuda
+def test_strides_beyond_32_bits() -> None:
+    # The aligned kernels take their strides as 32-bit integers; a view with a larger stride must
+    # get the general kernel (64-bit strides), not a truncated one. Here q's two sequences lie
+    # 2^31 + 64 elements apart in one 4 GiB buffer: aligned in every other respect.
+    case = RopeCase(dtype=torch.bfloat16, batch=2, seq=5, heads_q=4, heads_k=2, head_dim=64,
+                    positions="bs:int32", table_dtype="same")
+    args = make_args(case, "cuda")
+    gap = 2**31 + 64
+    per_sequence = case.seq * case.heads_q * case.head_dim
+    buffer = torch.empty(gap + per_sequence, dtype=case.dtype, device="cuda")
+    far_q = buffer.as_strided(args.q.shape, (gap, case.head_dim, case.heads_q * case.head_dim, 1))
+    far_q.copy_(args.q)
+    args = args._replace(q=far_q)
+    expected = reference_fused_qk(args)
+    outputs = torch.ops.rope.fused_qk(*args)
+    for out, x, ref in zip(outputs, (args.q, args.k), expected):
+        assert_output_layout(out, x)
+        assert_close_to_reference(out, ref, case.dtype)
+
+
 @pytest.mark.parametrize("head_dim", [258, 512])
 def test_cpu_takes_any_even_head_dim(head_dim: int) -> None:
     # The CUDA kernels stop at 256; the CPU implementation has no such limit.

@@ -19,7 +19,8 @@ constexpr int64_t kMaxGridY = 65535;  // CUDA's limit on gridDim.y
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// rope_qk_kernel's launch parameters (contract order): 7 pointers, 6 int32, 16 int64.
+// rope_qk_kernel's launch parameters (contract order): 7 pointers, 6 int32, 16 strides (int32 in
+// the aligned variants, int64 in the general ones).
 constexpr int kNumKernelParams = 29;
 // Triton 3.6..3.9 append two scratch pointers (global, profile); room for a couple more.
 constexpr int kMaxTrailingNullParams = 4;
@@ -36,19 +37,29 @@ struct Variant {
   int index() const { return variant_index(qk, table, block_d2_index, pos, aligned, narrow); }
 };
 
+// The kernel's strides in launch order (aot_specs.STRIDE_PARAMS): the first 14 are those the
+// aligned variants hint as multiples of 16.
+enum StrideParam : int {
+  kQStrideB, kQStrideH, kQStrideS,
+  kKStrideB, kKStrideH, kKStrideS,
+  kQOutStrideB, kQOutStrideH, kQOutStrideS,
+  kKOutStrideB, kKOutStrideH, kKOutStrideS,
+  kCosStrideRow, kSinStrideRow,
+  kPosStrideB, kPosStrideS,
+  kNumStrideParams
+};
+constexpr int kNumHintedStrides = kPosStrideB;
+
 // The kernel's parameters as locals of the exact C types the cubin reads: CUdeviceptr for
-// pointers, int32_t for i32, int64_t for i64; their addresses make the launch's argument array.
+// pointers, int32_t for i32; the strides in 64 bits and, for a cubin that takes them in 32
+// (the aligned variants), narrowed copies. Their addresses make the launch's argument array.
 struct KernelArgs {
   CUdeviceptr q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, pos_ptr;
   int32_t seq_len, n_heads_q, n_heads_k, half_dim, table_rows, sin_sign;
-  int64_t q_stride_b, q_stride_h, q_stride_s;
-  int64_t k_stride_b, k_stride_h, k_stride_s;
-  int64_t q_out_stride_b, q_out_stride_h, q_out_stride_s;
-  int64_t k_out_stride_b, k_out_stride_h, k_out_stride_s;
-  int64_t cos_stride_row, sin_stride_row;
-  int64_t pos_stride_b, pos_stride_s;
+  int64_t strides[kNumStrideParams];
+  int32_t strides32[kNumStrideParams];
 };
-static_assert(sizeof(KernelArgs) == 7 * sizeof(CUdeviceptr) + 6 * sizeof(int32_t) + 16 * sizeof(int64_t),
+static_assert(7 + 6 + kNumStrideParams == kNumKernelParams,
               "KernelArgs must hold exactly the kernel's 29 parameters (update the argument array with it)");
 
 const char* dtype_name(QkDtype dtype) {
@@ -143,12 +154,22 @@ bool alignment_hints_hold(const KernelArgs& a) {
       return false;
     }
   }
-  const int64_t multiples[] = {a.half_dim,       a.q_stride_b,     a.q_stride_h,     a.q_stride_s,
-                               a.k_stride_b,     a.k_stride_h,     a.k_stride_s,     a.q_out_stride_b,
-                               a.q_out_stride_h, a.q_out_stride_s, a.k_out_stride_b, a.k_out_stride_h,
-                               a.k_out_stride_s, a.cos_stride_row, a.sin_stride_row};
-  for (const int64_t v : multiples) {
-    if (v % 16 != 0) {
+  if (a.half_dim % 16 != 0) {
+    return false;
+  }
+  for (int i = 0; i < kNumHintedStrides; ++i) {
+    if (a.strides[i] % 16 != 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// The aligned variants also take every stride in 32 bits (aot_specs.ALIGNED_STRIDE_BITS): they
+// are chosen only when all strides fit. torch strides are never negative.
+bool strides_fit_int32(const KernelArgs& a) {
+  for (const int64_t stride : a.strides) {
+    if (stride > kInt32Max) {
       return false;
     }
   }
@@ -185,23 +206,23 @@ KernelArgs make_args(const char* op, const RopeInputs& in, const at::Tensor& q_o
   a.table_rows = as_int32(op, "the number of cos/sin rows", in.cos.size(0));
   a.sin_sign = sin_sign;
 
-  a.q_stride_b = kernel_stride(q, 0);
-  a.q_stride_h = kernel_stride(q, 1);
-  a.q_stride_s = kernel_stride(q, 2);
-  a.k_stride_b = kernel_stride(k, 0);
-  a.k_stride_h = kernel_stride(k, 1);
-  a.k_stride_s = kernel_stride(k, 2);
-  a.q_out_stride_b = kernel_stride(q_out, 0);
-  a.q_out_stride_h = kernel_stride(q_out, 1);
-  a.q_out_stride_s = kernel_stride(q_out, 2);
-  a.k_out_stride_b = kernel_stride(k_out, 0);
-  a.k_out_stride_h = kernel_stride(k_out, 1);
-  a.k_out_stride_s = kernel_stride(k_out, 2);
-  a.cos_stride_row = kernel_stride(in.cos, 0);
-  a.sin_stride_row = kernel_stride(in.sin, 0);
+  a.strides[kQStrideB] = kernel_stride(q, 0);
+  a.strides[kQStrideH] = kernel_stride(q, 1);
+  a.strides[kQStrideS] = kernel_stride(q, 2);
+  a.strides[kKStrideB] = kernel_stride(k, 0);
+  a.strides[kKStrideH] = kernel_stride(k, 1);
+  a.strides[kKStrideS] = kernel_stride(k, 2);
+  a.strides[kQOutStrideB] = kernel_stride(q_out, 0);
+  a.strides[kQOutStrideH] = kernel_stride(q_out, 1);
+  a.strides[kQOutStrideS] = kernel_stride(q_out, 2);
+  a.strides[kKOutStrideB] = kernel_stride(k_out, 0);
+  a.strides[kKOutStrideH] = kernel_stride(k_out, 1);
+  a.strides[kKOutStrideS] = kernel_stride(k_out, 2);
+  a.strides[kCosStrideRow] = kernel_stride(in.cos, 0);
+  a.strides[kSinStrideRow] = kernel_stride(in.sin, 0);
   if (in.positions.has_value()) {
-    a.pos_stride_b = kernel_stride(*in.positions, 0);
-    a.pos_stride_s = kernel_stride(*in.positions, 1);
+    a.strides[kPosStrideB] = kernel_stride(*in.positions, 0);
+    a.strides[kPosStrideS] = kernel_stride(*in.positions, 1);
   }
   return a;
 }
@@ -284,7 +305,7 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
   const Variant variant{qk_dtype_of(op, in.q.scalar_type()),
                         table_dtype_of(op, in.cos.scalar_type(), in.q.scalar_type()),
                         block_d2_index_of(args.half_dim), positions_kind_of(in.positions),
-                        alignment_hints_hold(args),
+                        alignment_hints_hold(args) && strides_fit_int32(args),
                         tokens * (in.q.size(1) + in.k.size(1)) < kNarrowBelowHeadVectors};
 
   const int device = in.q.device().index();
@@ -326,20 +347,27 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
   make_primary_context_current(op, device);
   const LoadedKernel& kernel = loaded_kernel(op, device, variant.index(), arch->arch, image);
 
+  // The strides at the width this cubin declares them (checked against its PTX at build time).
+  TORCH_CHECK(image.stride_bits == 32 || image.stride_bits == 64, op, ": internal error: the sm_", arch->arch,
+              " kernel ", image.function_name, " declares ", image.stride_bits, "-bit strides");
+  const bool narrow_strides = image.stride_bits == 32;
+  TORCH_CHECK(!narrow_strides || strides_fit_int32(args), op, ": internal error: the sm_", arch->arch, " kernel ",
+              image.function_name, " takes 32-bit strides, and these do not fit");
+
   // Triton's trailing scratch pointers: this kernel needs no scratch memory, so null.
   CUdeviceptr null_scratch[kMaxTrailingNullParams] = {};
   void* params[kNumKernelParams + kMaxTrailingNullParams] = {
-      &args.q_ptr,          &args.k_ptr,          &args.q_out_ptr,      &args.k_out_ptr,      // 0-3
-      &args.cos_ptr,        &args.sin_ptr,        &args.pos_ptr,                              // 4-6
-      &args.seq_len,        &args.n_heads_q,      &args.n_heads_k,      &args.half_dim,       // 7-10
-      &args.table_rows,     &args.sin_sign,                                                   // 11-12
-      &args.q_stride_b,     &args.q_stride_h,     &args.q_stride_s,                           // 13-15
-      &args.k_stride_b,     &args.k_stride_h,     &args.k_stride_s,                           // 16-18
-      &args.q_out_stride_b, &args.q_out_stride_h, &args.q_out_stride_s,                       // 19-21
-      &args.k_out_stride_b, &args.k_out_stride_h, &args.k_out_stride_s,                       // 22-24
-      &args.cos_stride_row, &args.sin_stride_row,                                             // 25-26
-      &args.pos_stride_b,   &args.pos_stride_s,                                               // 27-28
+      &args.q_ptr,      &args.k_ptr,     &args.q_out_ptr,  &args.k_out_ptr,  // 0-3
+      &args.cos_ptr,    &args.sin_ptr,   &args.pos_ptr,                      // 4-6
+      &args.seq_len,    &args.n_heads_q, &args.n_heads_k,  &args.half_dim,   // 7-10
+      &args.table_rows, &args.sin_sign,                                      // 11-12
   };
+  constexpr int kFirstStrideParam = 13;
+  for (int i = 0; i < kNumStrideParams; ++i) {  // 13-28
+    args.strides32[i] = static_cast<int32_t>(args.strides[i]);
+    params[kFirstStrideParam + i] =
+        narrow_strides ? static_cast<void*>(&args.strides32[i]) : static_cast<void*>(&args.strides[i]);
+  }
   for (int i = 0; i < image.num_trailing_null_params; ++i) {
     params[kNumKernelParams + i] = &null_scratch[i];
   }
