@@ -85,6 +85,9 @@ def specialized_like_aot(kernel: Any, specs: Any) -> Any:
     library ships know only what the aligned variant hints: the q/k/out/cos/sin pointers,
     half_dim and their strides. The tuner timed decode shapes 4 to 10 % faster than the same
     shape compiled ahead of time. Every other runtime parameter is left unspecialized here.
+
+    The JIT types an integer argument by its value: 32-bit when it fits, as every stride of the
+    benchmark's workloads does. That matches the aligned cubins, which take 32-bit strides.
     """
     import triton
 

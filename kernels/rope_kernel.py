@@ -15,7 +15,8 @@ figures).
 
 q, k and the outputs are addressed through their batch/head/sequence strides, so a transposed view
 of a (B, S, H, D) projection is read where it lies. The last dimension is always contiguous (the
-launcher guarantees it).
+launcher guarantees it). The aligned variants take the strides as 32-bit integers (the launcher
+picks them only when every stride fits), the general ones as 64-bit; offsets are 64-bit in both.
 
 Forward and backward are the same code: backward is the rotation by the negated angle, which the
 launcher asks for with ``sin_sign = -1``.
@@ -88,16 +89,13 @@ def rope_qk_kernel(
     # (documented), which makes the bad input visible instead of silently rotating by a wrong angle.
     row_ok = (row >= 0) & (row < table_rows)
     row = tl.where(row_ok, row, 0)
-    # The cos/sin row is loaded as a (BLOCK_H, BLOCK_D2) tile repeating it, so that it takes the
-    # layout of the q/k tiles: each thread loads the angles of its own columns (16-byte vectors;
-    # the repeats hit L1). Loaded as a plain row, it is redistributed through shared memory with
-    # barriers in the wide 16-bit launches of D 128 and 256 (measured in the PTX, Triton 3.8).
-    table_cols = tl.broadcast_to(d[None, :], (BLOCK_H, BLOCK_D2))
-    table_mask = tl.broadcast_to((d_ok & row_ok)[None, :], (BLOCK_H, BLOCK_D2))
-    cos = tl.load(cos_ptr + row * cos_stride_row + table_cols, mask=table_mask, other=float("nan")).to(tl.float32)
-    sin = tl.load(sin_ptr + row * sin_stride_row + table_cols, mask=table_mask, other=float("nan")).to(tl.float32)
+    # One cos/sin row for the whole block. (Loading it as a (BLOCK_H, BLOCK_D2) tile in the q/k
+    # tiles' layout spares Triton a redistribution through shared memory in wide 16-bit launches,
+    # but the repeated loads cost more: 1 to 5 % slower on an H200, bench/NOTES.md.)
+    cos = tl.load(cos_ptr + row * cos_stride_row + d, mask=d_ok & row_ok, other=float("nan")).to(tl.float32)
+    sin = tl.load(sin_ptr + row * sin_stride_row + d, mask=d_ok & row_ok, other=float("nan")).to(tl.float32)
     sin = sin * sin_sign  # int32 times float32 is float32 (and a plain 1 where Triton specializes it)
 
     out_ty = q_out_ptr.dtype.element_ty
-    tl.store(dst_tile, (x1 * cos - x2 * sin).to(out_ty), mask=mask)
-    tl.store(dst_tile + half_dim, (x2 * cos + x1 * sin).to(out_ty), mask=mask)
+    tl.store(dst_tile, (x1 * cos[None, :] - x2 * sin[None, :]).to(out_ty), mask=mask)
+    tl.store(dst_tile + half_dim, (x2 * cos[None, :] + x1 * sin[None, :]).to(out_ty), mask=mask)
