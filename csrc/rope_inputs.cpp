@@ -23,14 +23,23 @@ at::Tensor with_unit_last_stride(const at::Tensor& t) {
   return t.contiguous();
 }
 
-// Drops leading size-1 dimensions, so the Hugging Face (1, 1, S, D) tables are accepted.
-at::Tensor squeeze_leading_ones(const char* op, const char* name, const at::Tensor& t) {
+// The table as (tables, rows, W), tables being 1 (one table for every sequence) or q's batch
+// size (one per sequence, as Hugging Face models pass each token's angles, (B, S, D)). Leading
+// size-1 dims are dropped first, so (1, 1, S, D) and (1, S, D) are one shared table. Views only.
+at::Tensor as_tables(const char* op, const char* name, const at::Tensor& t, const c10::SymInt& batch) {
   at::Tensor out = t;
   while (out.dim() > 2 && out.sym_size(0) == 1) {
     out = out.squeeze(0);
   }
-  TORCH_CHECK(out.dim() == 2, op, ": ", name, " must be (max_seq, head_dim/2) or (max_seq, head_dim), "
-              "optionally with leading size-1 dims; got shape ", t.sym_sizes());
+  TORCH_CHECK(out.dim() == 2 || out.dim() == 3, op, ": ", name,
+              " must be (max_seq, head_dim/2) or (max_seq, head_dim), one table for every sequence, or "
+              "(batch, max_seq, ...) with one per sequence, optionally with leading size-1 dims; got shape ",
+              t.sym_sizes());
+  if (out.dim() == 2) {
+    return out.unsqueeze(0);
+  }
+  TORCH_CHECK(out.sym_size(0) == batch, op, ": ", name, " of shape ", t.sym_sizes(), " holds ", out.sym_size(0),
+              " tables (one per sequence), but q and k have a batch of ", batch);
   return out;
 }
 
@@ -107,16 +116,16 @@ RopeInputs check_and_normalize(const char* op, const at::Tensor& q, const at::Te
   check_qk(op, q, k);
   check_cuda_limits(op, q);
   const c10::SymInt head_dim = q.sym_size(3);
-  const at::Tensor cos2 = squeeze_leading_ones(op, "cos", cos);
-  const at::Tensor sin2 = squeeze_leading_ones(op, "sin", sin);
-  check_table(op, q, cos2, sin2, head_dim);
+  const at::Tensor cos3 = as_tables(op, "cos", cos, q.sym_size(0));
+  const at::Tensor sin3 = as_tables(op, "sin", sin, q.sym_size(0));
+  check_table(op, q, cos3, sin3, head_dim);
 
   RopeInputs in;
   in.half_dim = head_dim / 2;
   in.q = with_unit_last_stride(q);
   in.k = with_unit_last_stride(k);
-  in.cos = with_unit_last_stride(cos2);
-  in.sin = with_unit_last_stride(sin2);
+  in.cos = with_unit_last_stride(cos3);
+  in.sin = with_unit_last_stride(sin3);
   if (positions.has_value()) {
     check_positions(op, q, *positions);
     in.positions = positions->dim() == 1 ? positions->unsqueeze(0).expand_symint({q.sym_size(0), q.sym_size(2)})
@@ -124,7 +133,7 @@ RopeInputs check_and_normalize(const char* op, const at::Tensor& q, const at::Te
   } else {
     // Only without positions can the table length be checked without reading device memory;
     // with positions, a row outside the table gives NaN outputs for that token (documented).
-    TORCH_CHECK(cos2.sym_size(0) >= q.sym_size(2), op, ": cos and sin have ", cos2.sym_size(0),
+    TORCH_CHECK(cos3.sym_size(1) >= q.sym_size(2), op, ": cos and sin have ", cos3.sym_size(1),
                 " rows but the sequence has ", q.sym_size(2),
                 " tokens; pass a longer table or explicit positions");
   }

@@ -15,7 +15,9 @@ namespace rope_kernels {
 struct RopeInputs {
   at::Tensor q;    // (B, Hq, S, D), stride(-1) == 1
   at::Tensor k;    // (B, Hk, S, D), stride(-1) == 1
-  at::Tensor cos;  // (rows, W), stride(-1) == 1, W == D/2 or D (only the first D/2 columns are used)
+  // (T, rows, W), stride(-1) == 1: T == 1 (one table for every sequence) or T == B (one per
+  // sequence); W == D/2 or D (only the first D/2 columns are used).
+  at::Tensor cos;
   at::Tensor sin;  // same shape and dtype as cos
   std::optional<at::Tensor> positions;  // (B, S) int32 or int64; an (S,) input is expanded (stride 0)
   c10::SymInt half_dim;  // SymInt so that the Meta kernel works under dynamic shapes

@@ -24,10 +24,11 @@ STRIDE_PARAMS = (
     "q_out_stride_b", "q_out_stride_h", "q_out_stride_s",
     "k_out_stride_b", "k_out_stride_h", "k_out_stride_s",
     "cos_stride_row", "sin_stride_row",
+    "cos_stride_b", "sin_stride_b",
     "pos_stride_b", "pos_stride_s",
 )
 RUNTIME_PARAMS = POINTER_PARAMS + I32_PARAMS + STRIDE_PARAMS
-NUM_RUNTIME_PARAMS = len(RUNTIME_PARAMS)  # 29, as the launcher passes them
+NUM_RUNTIME_PARAMS = len(RUNTIME_PARAMS)  # 31, as the launcher passes them
 CONSTEXPR_PARAMS = ("BLOCK_D2", "BLOCK_H", "HAS_POS")
 
 # What the launcher may promise in an aligned variant: every pointer but pos_ptr is 16-byte
@@ -35,7 +36,7 @@ CONSTEXPR_PARAMS = ("BLOCK_D2", "BLOCK_H", "HAS_POS")
 # the hints that turn the loads and stores into 16-byte vector accesses.
 ALIGNED_HINTED_PARAMS = (
     ("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "cos_ptr", "sin_ptr", "half_dim")
-    + STRIDE_PARAMS[:14]
+    + STRIDE_PARAMS[:16]
 )
 # An aligned variant also takes every stride as a 32-bit integer, which the launcher promises by
 # choosing it only when all of them fit. Multiplied by 32-bit indices, a 32-bit stride gives the

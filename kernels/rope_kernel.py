@@ -18,6 +18,10 @@ of a (B, S, H, D) projection is read where it lies. The last dimension is always
 launcher guarantees it). The aligned variants take the strides as 32-bit integers (the launcher
 picks them only when every stride fits), the general ones as 64-bit; offsets are 64-bit in both.
 
+Token (b, s) reads row positions[b, s] (or s, without positions) of the cos/sin table of its
+sequence: one table shared by every sequence (batch stride 0), or one per sequence, as Hugging
+Face models pass the angles of each token, (B, S, D).
+
 Forward and backward are the same code: backward is the rotation by the negated angle, which the
 launcher asks for with ``sin_sign = -1``.
 """
@@ -35,6 +39,7 @@ def rope_qk_kernel(
     q_out_stride_b, q_out_stride_h, q_out_stride_s,
     k_out_stride_b, k_out_stride_h, k_out_stride_s,
     cos_stride_row, sin_stride_row,
+    cos_stride_b, sin_stride_b,  # 0 for one table shared by every sequence
     pos_stride_b, pos_stride_s,
     BLOCK_D2: tl.constexpr,  # half_dim rounded up to a power of two
     BLOCK_H: tl.constexpr,  # heads per program
@@ -92,8 +97,10 @@ def rope_qk_kernel(
     # One cos/sin row for the whole block. (Loading it as a (BLOCK_H, BLOCK_D2) tile in the q/k
     # tiles' layout spares Triton a redistribution through shared memory in wide 16-bit launches,
     # but the repeated loads cost more: 1 to 5 % slower on an H200, bench/NOTES.md.)
-    cos = tl.load(cos_ptr + row * cos_stride_row + d, mask=d_ok & row_ok, other=float("nan")).to(tl.float32)
-    sin = tl.load(sin_ptr + row * sin_stride_row + d, mask=d_ok & row_ok, other=float("nan")).to(tl.float32)
+    cos_row = cos_ptr + b * cos_stride_b + row * cos_stride_row
+    sin_row = sin_ptr + b * sin_stride_b + row * sin_stride_row
+    cos = tl.load(cos_row + d, mask=d_ok & row_ok, other=float("nan")).to(tl.float32)
+    sin = tl.load(sin_row + d, mask=d_ok & row_ok, other=float("nan")).to(tl.float32)
     sin = sin * sin_sign  # int32 times float32 is float32 (and a plain 1 where Triton specializes it)
 
     out_ty = q_out_ptr.dtype.element_ty

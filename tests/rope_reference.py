@@ -68,6 +68,9 @@ class RopeCase:
     table_dtype: str = "fp32"  # "fp32" or "same" (q's dtype)
     table_leading: int = 0  # number of leading size-1 dims, as in Hugging Face's (1, 1, S, D)
     table_layout: str = "dense"  # "dense", or "packed": cos and sin side by side in one buffer
+    # One table for every sequence, or one per sequence (B, S_max, W) with different angles each
+    # (as if each sequence started at another offset), as Hugging Face passes per-token angles.
+    per_sequence_tables: bool = False
 
     def __str__(self) -> str:
         # Only the fields that differ from the defaults, so that test ids stay short and readable.
@@ -144,12 +147,16 @@ def _qkv_split(case: RopeCase, device: str) -> tuple[torch.Tensor, torch.Tensor]
 def _tables(case: RopeCase, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables of real RoPE angles in the shape, dtype and layout the case asks for."""
     angles = rope_angles(case.rows, case.head_dim)
+    if case.per_sequence_tables:  # sequence b's table starts at position 5 * b
+        shift = 5
+        all_angles = rope_angles(case.rows + shift * (case.batch - 1), case.head_dim)
+        angles = torch.stack([all_angles[shift * b:shift * b + case.rows] for b in range(case.batch)])
     if case.table_width == "full":  # Hugging Face repeats the angles: cat((freqs, freqs), -1)
         angles = torch.cat([angles, angles], dim=-1)
     width = angles.shape[-1]
     if case.table_layout == "packed":  # row stride 2 * width, sin at a storage offset
         packed = torch.cat([angles.cos(), angles.sin()], dim=-1).to(case.table_torch_dtype).to(device)
-        cos, sin = packed[:, :width], packed[:, width:]
+        cos, sin = packed[..., :width], packed[..., width:]
     else:
         cos = angles.cos().to(case.table_torch_dtype).to(device)
         sin = angles.sin().to(case.table_torch_dtype).to(device)
@@ -194,24 +201,33 @@ def reference_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      positions: Optional[torch.Tensor], inverse: bool = False) -> torch.Tensor:
     """RoPE of x (B, H, S, D) in float64 on the CPU, as the contract states it.
 
-    Token (b, s) uses table row positions[b, s] (positions[s] for a (S,) tensor, s without
-    positions); a row outside the table makes that token NaN. `inverse` negates sin (the
+    Token (b, s) uses row positions[b, s] (positions[s] for a (S,) tensor, s without positions)
+    of the table of sequence b: cos/sin (max_seq, W) is one table for every sequence, (B, max_seq,
+    W) one per sequence. A row outside the table makes that token NaN. `inverse` negates sin (the
     backward op). Differentiable in x, so it also gives reference gradients.
     """
     batch, _, seq, head_dim = x.shape
     half = head_dim // 2
-    # Leading size-1 dims are squeezed; of a full-width table only the first D/2 columns count.
-    cos_rows = cos.detach().cpu().to(torch.float64).reshape(-1, cos.shape[-1])[:, :half]
-    sin_rows = sin.detach().cpu().to(torch.float64).reshape(-1, sin.shape[-1])[:, :half]
+
+    def tables(t: torch.Tensor) -> torch.Tensor:
+        # (B, max_seq, D/2): leading size-1 dims squeezed, a shared table repeated for every
+        # sequence; of a full-width table only the first D/2 columns count.
+        t = t.detach().cpu().to(torch.float64)
+        while t.dim() > 2 and t.shape[0] == 1:
+            t = t[0]
+        return t.expand(batch, *t.shape[-2:])[..., :half]
+
+    cos_tables, sin_tables = tables(cos), tables(sin)
     if positions is None:
         rows = torch.arange(seq).expand(batch, seq)
     else:
         rows = positions.cpu().to(torch.int64).expand(batch, seq)
-    inside = (rows >= 0) & (rows < cos_rows.shape[0])
+    inside = (rows >= 0) & (rows < cos_tables.shape[1])
     safe_rows = torch.where(inside, rows, torch.zeros_like(rows))
+    sequence = torch.arange(batch)[:, None]
     nan = torch.tensor(math.nan, dtype=torch.float64)
-    c = torch.where(inside[..., None], cos_rows[safe_rows], nan)[:, None]  # (B, 1, S, D/2)
-    s = torch.where(inside[..., None], sin_rows[safe_rows], nan)[:, None]
+    c = torch.where(inside[..., None], cos_tables[sequence, safe_rows], nan)[:, None]  # (B, 1, S, D/2)
+    s = torch.where(inside[..., None], sin_tables[sequence, safe_rows], nan)[:, None]
     if inverse:
         s = -s
     x64 = x.cpu().to(torch.float64)

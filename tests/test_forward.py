@@ -79,6 +79,32 @@ def test_tables(device: str, dtype: torch.dtype, table_width: str, table_dtype: 
     check_forward(case, device)
 
 
+@pytest.mark.parametrize("positions", ["none", "bs:int32", "s:int64"])
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+@pytest.mark.parametrize(("device", "dtype"), device_dtype_params(("fp16", "bf16", "fp32")))
+def test_one_table_per_sequence(device: str, dtype: torch.dtype, layout: str, positions: str) -> None:
+    # cos/sin (B, S_max, W): sequence b reads its own table, as with the per-token angles Hugging
+    # Face models pass (B, S, D). Full width, so the table's batch stride is no row multiple.
+    case = RopeCase(dtype=dtype, layout=layout, positions=positions, per_sequence_tables=True, batch=3,
+                    table_width="full", table_dtype="same")
+    check_forward(case, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_table_per_sequence_out_of_range_positions_give_nan(device: str) -> None:
+    # A position is checked against the rows of one table, not of all of them together.
+    case = RopeCase(positions="bs:int64", per_sequence_tables=True, table_rows=6, seq=4, batch=2)
+    args = make_args(case, device)
+    positions = args.positions.clone()
+    positions[0, 1] = 6  # the first row of the second sequence's table, were they one
+    outputs = torch.ops.rope.fused_qk(*args._replace(positions=positions))
+    for out in outputs:
+        nan_tokens = out.isnan().any(dim=-1).any(dim=1).cpu()  # (B, S)
+        expected = torch.zeros_like(nan_tokens)
+        expected[0, 1] = True
+        assert torch.equal(nan_tokens, expected)
+
+
 @pytest.mark.parametrize(("batch", "seq", "positions"), [
     (0, 7, "none"),  # empty batch: empty outputs, no launch with an empty grid
     (0, 7, "bs:int64"),

@@ -18,6 +18,7 @@ OPCHECK_CASES = [
     RopeCase(layout="bshd", positions="bs:int64", table_width="full", table_leading=2),
     RopeCase(layout="qkv", positions="s:int32", dtype=torch.bfloat16, table_dtype="same", heads_q=8, heads_k=1),
     RopeCase(layout="padded", positions="sb:int64", dtype=torch.float16, head_dim=10, table_layout="packed"),
+    RopeCase(layout="bshd", positions="bs:int32", per_sequence_tables=True, batch=3, table_width="full"),
 ]
 
 OPS = {

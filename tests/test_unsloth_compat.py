@@ -60,7 +60,9 @@ def test_fast_rope_embedding(device: str, dtype: torch.dtype, table_form: str, i
 
     q_out, k_out = rope_kernels.fast_rope_embedding(args.q, args.k, cos, sin, rope_indices)
 
-    expected_q, expected_k = reference_fused_qk(args._replace(cos=cos, sin=sin, positions=positions))
+    # The reference takes the table as Unsloth reads it: every size-1 dim dropped.
+    table_cos, table_sin = cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
+    expected_q, expected_k = reference_fused_qk(args._replace(cos=table_cos, sin=table_sin, positions=positions))
     assert_close_to_reference(q_out, expected_q, dtype)
     assert_close_to_reference(k_out, expected_k, dtype)
     # New tensors; the caller's Q and K are never written (Unsloth's indexed path does write them).

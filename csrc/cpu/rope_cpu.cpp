@@ -12,29 +12,40 @@ namespace rope_kernels {
 namespace {
 
 // The cos/sin rows each token uses, in the compute dtype, shaped (B or 1, 1, S, D/2) to broadcast
-// over heads. A position outside the table gives NaN rows (the CUDA kernels do the same). The rows
-// are picked before they are converted (and negated for the inverse): the table can be far longer
-// than the sequence, and converting all of it cost more than the rotation itself.
+// over heads: row positions[b, s] (or s) of sequence b's table, or of the one shared table. A
+// position outside the table gives NaN rows (the CUDA kernels do the same). The rows are picked
+// before they are converted (and negated for the inverse): the table can be far longer than the
+// sequence, and converting all of it cost more than the rotation itself.
 std::tuple<at::Tensor, at::Tensor> gather_angles(const RopeInputs& in, at::ScalarType compute,
                                                  bool inverse) {
   const int64_t half = in.half_dim.expect_int();
   const int64_t seq = in.q.size(2);
-  const at::Tensor cos = in.cos.narrow(1, 0, half);
-  const at::Tensor sin = in.sin.narrow(1, 0, half);
+  const int64_t tables = in.cos.size(0);
+  const int64_t rows_per_table = in.cos.size(1);
+  const at::Tensor cos = in.cos.narrow(2, 0, half);
+  const at::Tensor sin = in.sin.narrow(2, 0, half);
   at::Tensor cos_rows;
   at::Tensor sin_rows;
   if (!in.positions.has_value()) {
-    cos_rows = cos.narrow(0, 0, seq).view({1, 1, seq, half});
-    sin_rows = sin.narrow(0, 0, seq).view({1, 1, seq, half});
+    cos_rows = cos.narrow(1, 0, seq).unsqueeze(1);
+    sin_rows = sin.narrow(1, 0, seq).unsqueeze(1);
   } else {
-    const at::Tensor pos = in.positions->to(at::kLong);
-    const at::Tensor valid = pos.ge(0).logical_and(pos.lt(cos.size(0)));
-    const at::Tensor rows = at::where(valid, pos, at::zeros_like(pos)).reshape({-1});
+    const at::Tensor pos = in.positions->to(at::kLong);  // (B, S)
+    const int64_t batch = pos.size(0);
+    const at::Tensor valid = pos.ge(0).logical_and(pos.lt(rows_per_table));
+    const at::Tensor rows = at::where(valid, pos, at::zeros_like(pos));
     const at::Tensor invalid = valid.logical_not().unsqueeze(-1);
     const auto nan = std::numeric_limits<double>::quiet_NaN();
-    const int64_t batch = pos.size(0);
-    cos_rows = cos.index_select(0, rows).view({batch, seq, half}).masked_fill(invalid, nan).unsqueeze(1);
-    sin_rows = sin.index_select(0, rows).view({batch, seq, half}).masked_fill(invalid, nan).unsqueeze(1);
+    // Row lookups on views of the tables: nothing beyond the B * S rows is read or copied.
+    const auto pick = [&](const at::Tensor& table) {
+      if (tables == 1) {
+        return table.select(0, 0).index_select(0, rows.reshape({-1})).view({batch, seq, half});
+      }
+      const at::Tensor sequence = at::arange(batch, pos.options()).unsqueeze(1);  // (B, 1)
+      return table.index({at::indexing::TensorIndex(sequence), at::indexing::TensorIndex(rows)});  // (B, S, D/2)
+    };
+    cos_rows = pick(cos).masked_fill(invalid, nan).unsqueeze(1);
+    sin_rows = pick(sin).masked_fill(invalid, nan).unsqueeze(1);
   }
   cos_rows = cos_rows.to(compute);
   sin_rows = sin_rows.to(compute);

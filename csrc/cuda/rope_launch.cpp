@@ -19,9 +19,9 @@ constexpr int64_t kMaxGridY = 65535;  // CUDA's limit on gridDim.y
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// rope_qk_kernel's launch parameters (contract order): 7 pointers, 6 int32, 16 strides (int32 in
+// rope_qk_kernel's launch parameters (contract order): 7 pointers, 6 int32, 18 strides (int32 in
 // the aligned variants, int64 in the general ones).
-constexpr int kNumKernelParams = 29;
+constexpr int kNumKernelParams = 31;
 // Triton 3.6..3.9 append two scratch pointers (global, profile); room for a couple more.
 constexpr int kMaxTrailingNullParams = 4;
 
@@ -37,14 +37,15 @@ struct Variant {
   int index() const { return variant_index(qk, table, block_d2_index, pos, aligned, narrow); }
 };
 
-// The kernel's strides in launch order (aot_specs.STRIDE_PARAMS): the first 14 are those the
-// aligned variants hint as multiples of 16.
+// The kernel's strides in launch order (aot_specs.STRIDE_PARAMS): all but the positions' are
+// hinted as multiples of 16 in the aligned variants.
 enum StrideParam : int {
   kQStrideB, kQStrideH, kQStrideS,
   kKStrideB, kKStrideH, kKStrideS,
   kQOutStrideB, kQOutStrideH, kQOutStrideS,
   kKOutStrideB, kKOutStrideH, kKOutStrideS,
   kCosStrideRow, kSinStrideRow,
+  kCosStrideB, kSinStrideB,
   kPosStrideB, kPosStrideS,
   kNumStrideParams
 };
@@ -60,7 +61,7 @@ struct KernelArgs {
   int32_t strides32[kNumStrideParams];
 };
 static_assert(7 + 6 + kNumStrideParams == kNumKernelParams,
-              "KernelArgs must hold exactly the kernel's 29 parameters (update the argument array with it)");
+              "KernelArgs must hold exactly the kernel's 31 parameters (update the argument array with it)");
 
 const char* dtype_name(QkDtype dtype) {
   switch (dtype) {
@@ -203,7 +204,7 @@ KernelArgs make_args(const char* op, const RopeInputs& in, const at::Tensor& q_o
   a.n_heads_q = as_int32(op, "the number of q heads", q.size(1));
   a.n_heads_k = as_int32(op, "the number of k heads", k.size(1));
   a.half_dim = as_int32(op, "head_dim/2", q.size(3) / 2);
-  a.table_rows = as_int32(op, "the number of cos/sin rows", in.cos.size(0));
+  a.table_rows = as_int32(op, "the number of cos/sin rows", in.cos.size(1));
   a.sin_sign = sin_sign;
 
   a.strides[kQStrideB] = kernel_stride(q, 0);
@@ -218,8 +219,10 @@ KernelArgs make_args(const char* op, const RopeInputs& in, const at::Tensor& q_o
   a.strides[kKOutStrideB] = kernel_stride(k_out, 0);
   a.strides[kKOutStrideH] = kernel_stride(k_out, 1);
   a.strides[kKOutStrideS] = kernel_stride(k_out, 2);
-  a.strides[kCosStrideRow] = kernel_stride(in.cos, 0);
-  a.strides[kSinStrideRow] = kernel_stride(in.sin, 0);
+  a.strides[kCosStrideRow] = kernel_stride(in.cos, 1);
+  a.strides[kSinStrideRow] = kernel_stride(in.sin, 1);
+  a.strides[kCosStrideB] = kernel_stride(in.cos, 0);  // 0 for one table shared by every sequence
+  a.strides[kSinStrideB] = kernel_stride(in.sin, 0);
   if (in.positions.has_value()) {
     a.strides[kPosStrideB] = kernel_stride(*in.positions, 0);
     a.strides[kPosStrideS] = kernel_stride(*in.positions, 1);
@@ -363,7 +366,7 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
       &args.table_rows, &args.sin_sign,                                      // 11-12
   };
   constexpr int kFirstStrideParam = 13;
-  for (int i = 0; i < kNumStrideParams; ++i) {  // 13-28
+  for (int i = 0; i < kNumStrideParams; ++i) {  // 13-30
     args.strides32[i] = static_cast<int32_t>(args.strides[i]);
     params[kFirstStrideParam + i] =
         narrow_strides ? static_cast<void*>(&args.strides32[i]) : static_cast<void*>(&args.strides[i]);

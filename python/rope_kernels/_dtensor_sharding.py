@@ -10,7 +10,9 @@ RoPE rotates each head vector of each token on its own, by the angle of that tok
   sharded like the sequence; without positions a shard would start again at row 0, so then the
   sequence is gathered first (DTensor does so, as no rule below accepts that sharding);
 - the head dimension pairs its first half with its second, so it is never sharded;
-- cos/sin are looked up by any row: each rank needs the whole table (Replicate).
+- cos/sin are looked up by any row: each rank needs the whole table (Replicate), or with one
+  table per sequence ((batch, max_seq, W)), the tables of its own sequences when the batch is
+  sharded.
 """
 from __future__ import annotations
 
@@ -45,6 +47,13 @@ def _positions_placement(positions: Optional[object], q_dim: int) -> Optional[Pl
     return Replicate()
 
 
+def _per_sequence_tables(table: object) -> bool:
+    """Whether cos/sin hold one table per sequence: (batch, max_seq, W) with batch > 1 (the op
+    drops leading size-1 dims, so (1, max_seq, W) is one shared table)."""
+    shape = table.shape  # type: ignore[attr-defined]  (DTensor's spec of the tensor)
+    return len(shape) == 3 and shape[0] != 1
+
+
 def rope_shardings(q: object, k: object, cos: object, sin: object,
                    positions: Optional[object] = None) -> Sequence[PlacementRow]:
     """The shardings under which the op on each rank's pieces gives the pieces of the whole result.
@@ -59,9 +68,11 @@ def rope_shardings(q: object, k: object, cos: object, sin: object,
         for k_place in (Replicate(), Shard(HEADS_DIM)):
             rows.append(([q_place, k_place],
                          [q_place, k_place, table, table, _positions_placement(positions, HEADS_DIM)]))
-    # Batch: q and k together, as the op requires equal batch sizes.
+    # Batch: q and k together, as the op requires equal batch sizes; per-sequence tables with them.
     batch = Shard(BATCH_DIM)
-    rows.append(([batch, batch], [batch, batch, table, table, _positions_placement(positions, BATCH_DIM)]))
+    batch_table = Shard(0) if _per_sequence_tables(cos) else table
+    rows.append(([batch, batch], [batch, batch, batch_table, batch_table,
+                                  _positions_placement(positions, BATCH_DIM)]))
     # Sequence: only with positions (see the module's doc).
     if positions is not None:
         seq = Shard(SEQ_DIM)

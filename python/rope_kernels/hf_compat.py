@@ -14,15 +14,8 @@ read). A width below ``head_dim`` rotates only the first ``dim`` features and pa
 through (Phi-3's partial rotary factor). cos/sin in the model dtype or float32; the result has
 the dtype transformers' function gives (float32 for bfloat16 q with float32 cos).
 
-How a per-token ``(batch, seq, dim)`` cos/sin reaches the op, which reads a table indexed by
-position: if every sequence has the same angles (batch 1, or a batch dimension of stride 0) the
-first one is the table and token ``s`` reads row ``s``. Otherwise cos is seen as a
-``(batch * seq, dim)`` table (a view: the reshape copies only a cos whose batch stride is not
-``seq`` times its row stride, which transformers never passes) whose row ``b * seq + s`` belongs
-to token ``(b, s)``; and q and k, when their strides allow (the transposed projections attention
-passes, and any single-token decoding step), are seen as one sequence of ``batch * seq`` tokens
-(views again), so that token ``b * seq + s`` reads row ``b * seq + s`` with no positions tensor at
-all. Other layouts of q and k get positions ``b * seq + s`` (an ``arange``).
+A per-token ``(batch, seq, dim)`` cos/sin goes to the op as it is: one table per sequence, token
+``s`` reading row ``s`` of its own (a ``(1, seq, dim)`` one is the table of every sequence).
 
 Inputs the op cannot serve (a device other than CPU and CUDA, cos/sin that require grad, q and k
 of different dtypes, shapes that only broadcasting makes fit, head_dim above 256 on CUDA) are
@@ -66,11 +59,6 @@ def rotate_by_formula(
     return q_out, k_out
 
 
-def _shared_over_batch(t: torch.Tensor) -> bool:
-    """Whether every sequence of a per-token (batch, seq, dim) cos/sin has the same angles."""
-    return t.shape[0] == 1 or t.stride(0) == 0
-
-
 def _op_serves(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seq: int,
                dtype: torch.dtype) -> bool:
     """Whether the op computes what transformers' formula would for these inputs, in `dtype`."""
@@ -108,29 +96,6 @@ def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return torch.cat((q_rot, q[..., width:]), dim=-1), torch.cat((k_rot, k[..., width:]), dim=-1)
 
 
-def _fold_batch_into_seq(x: torch.Tensor) -> Optional[torch.Tensor]:
-    """x (B, H, S, D) as a (1, H, B * S, D) view, where its strides allow it (token (b, s) becomes
-    token b * S + s of one long sequence), else None.
-
-    This is what lets per-sequence angles reach the op as a plain table read by position, without
-    a positions tensor: it holds for the transposed projections attention passes (batch stride =
-    S * seq stride), and always for one token per sequence (decoding).
-    """
-    batch, heads, seq, dim = x.shape
-    if seq == 1:
-        return x.transpose(0, 2)
-    if batch == 1 or x.stride(0) == seq * x.stride(2):
-        return x.transpose(1, 2).reshape(1, batch * seq, heads, dim).transpose(1, 2)
-    return None
-
-
-def _unfold_batch_from_seq(x: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
-    """The inverse of _fold_batch_into_seq (a view: splitting a dimension never copies)."""
-    if seq == 1:
-        return x.transpose(0, 2)
-    return x.transpose(1, 2).reshape(batch, seq, x.shape[1], x.shape[3]).transpose(1, 2)
-
-
 def apply_rotary_pos_emb(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -156,7 +121,9 @@ def apply_rotary_pos_emb(
     k4 = k if heads_first else k.transpose(1, 2)
     batch, seq = q4.shape[0], q4.shape[2]
     # The dtype transformers' formula gives (q * cos promotes), and the op computes in.
-    dtype = torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype)
+    dtype = q.dtype
+    if cos.dtype != dtype or sin.dtype != dtype:  # (promote_types is a dispatched call: host time)
+        dtype = torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype)
     if not _op_serves(q4, k4, cos, sin, seq, dtype):
         return rotate_by_formula(q, k, cos, sin, position_ids, unsqueeze_dim)
     if q4.dtype != dtype:
@@ -166,31 +133,14 @@ def apply_rotary_pos_emb(
         cos = cos.to(dtype)
         sin = sin.to(dtype)
 
-    if cos.dim() == 3 and not (_shared_over_batch(cos) and _shared_over_batch(sin)):
-        # Angles per sequence: cos/sin seen as one (batch * seq, width) table whose row b * seq + s
-        # belongs to token (b, s).
-        width = cos.shape[-1]
-        cos = cos.reshape(batch * seq, width)
-        sin = sin.reshape(batch * seq, width)
-        q_folded = _fold_batch_into_seq(q4)
-        k_folded = _fold_batch_into_seq(k4)
-        if q_folded is not None and k_folded is not None:
-            q_out, k_out = _rotate(q_folded, k_folded, cos, sin, None)
-            q_out = _unfold_batch_from_seq(q_out, batch, seq)
-            k_out = _unfold_batch_from_seq(k_out, batch, seq)
-        else:
-            rows_dtype = torch.int32 if batch * seq <= 2147483647 else torch.int64
-            rows = torch.arange(batch * seq, device=q4.device, dtype=rows_dtype).view(batch, seq)
-            q_out, k_out = _rotate(q4, k4, cos, sin, rows)
-    else:
-        positions: Optional[torch.Tensor] = None
-        if cos.dim() == 3:  # the same angles for every sequence: the first is the table
-            cos = cos[0]
-            sin = sin[0]
-        elif position_ids is not None:
-            positions = token_positions(position_ids, batch, seq, q4.device, "rope_kernels.apply_rotary_pos_emb",
-                                        "position_ids")
-        q_out, k_out = _rotate(q4, k4, cos, sin, positions)
+    # A per-token (batch or 1, seq, width) cos/sin is one table per sequence (or one for all), read
+    # at row s: the op takes it as it is, and position_ids are ignored, as transformers does. A
+    # table (max_seq, width) is read at position_ids (transformers 4.3x), or at row s without them.
+    positions: Optional[torch.Tensor] = None
+    if cos.dim() != 3 and position_ids is not None:
+        positions = token_positions(position_ids, batch, seq, q4.device, "rope_kernels.apply_rotary_pos_emb",
+                                    "position_ids")
+    q_out, k_out = _rotate(q4, k4, cos, sin, positions)
     if not heads_first:
         q_out = q_out.transpose(1, 2)
         k_out = k_out.transpose(1, 2)

@@ -59,6 +59,7 @@ SHARDINGS = [
 ]
 
 POSITIONS = ("bs:int64", "s:int32", "none")
+PER_SEQUENCE_TABLE_POSITIONS = ("bs:int64", "none")
 
 
 def positions_placement(sharding: Sharding, positions: str) -> Placement:
@@ -83,18 +84,24 @@ def within_one_rounding(dtype: torch.dtype) -> dict:
     return {"rtol": 2 * tol["rtol"], "atol": 2 * tol["atol"]}
 
 
-def check_sharded_op(mesh, device: str, dtype: torch.dtype, sharding: Sharding, positions: str, seed: int) -> None:
+def table_placement(sharding: Sharding, per_sequence_tables: bool) -> Placement:
+    """Where cos/sin go: whole on every rank, or with one table per sequence, split with a batch split."""
+    return Shard(0) if per_sequence_tables and sharding.q == Shard(0) else R
+
+
+def check_sharded_op(mesh, device: str, dtype: torch.dtype, sharding: Sharding, positions: str,
+                     per_sequence_tables: bool, seed: int) -> None:
     torch.manual_seed(seed)  # the same global tensors on every rank
     # Uneven splits on purpose: batch 3 and sequence 7 do not divide by 2.
     case = RopeCase(batch=3, heads_q=4, heads_k=2, seq=7, head_dim=32, dtype=dtype, layout="bshd",
-                    positions=positions)
+                    positions=positions, per_sequence_tables=per_sequence_tables)
     args = make_args(case, device)
     grads = make_args(case, device)  # random output gradients of the same shapes
     whole = torch.ops.rope.fused_qk(*args)
     q = distribute_tensor(args.q, mesh, [sharding.q]).requires_grad_()
     k = distribute_tensor(args.k, mesh, [sharding.k]).requires_grad_()
-    cos = distribute_tensor(args.cos, mesh, [R])
-    sin = distribute_tensor(args.sin, mesh, [R])
+    cos = distribute_tensor(args.cos, mesh, [table_placement(sharding, per_sequence_tables)])
+    sin = distribute_tensor(args.sin, mesh, [table_placement(sharding, per_sequence_tables)])
     pos = None if args.positions is None else distribute_tensor(args.positions, mesh,
                                                                 [positions_placement(sharding, positions)])
     q_out, k_out = torch.ops.rope.fused_qk(q, k, cos, sin, pos)
@@ -198,7 +205,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         for sharding in SHARDINGS:
             for positions in POSITIONS:
                 seed += 1
-                check_sharded_op(mesh, device, dtype, sharding, positions, seed)
+                check_sharded_op(mesh, device, dtype, sharding, positions, False, seed)
+            for positions in PER_SEQUENCE_TABLE_POSITIONS:  # one (B, S_max, W) table per sequence
+                seed += 1
+                check_sharded_op(mesh, device, dtype, sharding, positions, True, seed)
             report(f"dtensor {str(dtype).replace('torch.', '')} {sharding.name}: ok")
     # Whole-model checks in full precision (float32 on a GPU, TF32 off): the split matmuls differ
     # from the whole ones only by summation order.
