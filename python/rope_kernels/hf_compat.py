@@ -61,21 +61,27 @@ def rotate_by_formula(
 
 def _op_serves(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seq: int,
                dtype: torch.dtype) -> bool:
-    """Whether the op computes what transformers' formula would for these inputs, in `dtype`."""
-    if (q.device.type != "cpu" and q.device.type != "cuda") or q.dtype != k.dtype:
+    """Whether the op computes what transformers' formula would for these inputs, in `dtype`.
+
+    Runs on every call of a model's attention layers: tensor properties that need no Python
+    object (is_cuda, is_cpu, size(i)) are read rather than device and shape objects.
+    """
+    on_cuda = q.is_cuda
+    if not (on_cuda or q.is_cpu) or q.dtype != k.dtype:
         return False
     if dtype != torch.float16 and dtype != torch.bfloat16 and dtype != torch.float32 and dtype != torch.float64:
         return False
     if cos.requires_grad or sin.requires_grad or cos.shape != sin.shape:
         return False
-    width = cos.shape[-1]
-    if width % 2 != 0 or width > q.shape[-1] or q.shape[-1] != k.shape[-1] or width == 0:
+    width = cos.size(-1)
+    head_dim = q.size(-1)
+    if width % 2 != 0 or width > head_dim or head_dim != k.size(-1) or width == 0:
         return False
     # The CUDA kernels' limits (the CPU has none): rotated width up to 256, no float64.
-    if q.device.type == "cuda" and (width > 256 or dtype == torch.float64):
+    if on_cuda and (width > 256 or dtype == torch.float64):
         return False
     if cos.dim() == 3:  # per token: (batch or 1, seq, width)
-        return cos.shape[1] == seq and (cos.shape[0] == 1 or cos.shape[0] == q.shape[0])
+        return cos.size(1) == seq and (cos.size(0) == 1 or cos.size(0) == q.size(0))
     if cos.dim() < 2:
         return False
     for size in cos.shape[:-2]:  # a table: (max_seq, width) after leading size-1 dims
@@ -89,8 +95,8 @@ def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     """The op on (batch, heads, seq, dim) q and k, or on their first `width` features when cos/sin
     are narrower than head_dim (partial rotary: the op sees those features as heads of dim
     `width`, cos/sin being their full-width table; the rest passes through)."""
-    width = cos.shape[-1]
-    if width == q.shape[-1]:
+    width = cos.size(-1)
+    if width == q.size(-1):
         return torch.ops.rope.fused_qk(q, k, cos, sin, positions)
     q_rot, k_rot = torch.ops.rope.fused_qk(q[..., :width], k[..., :width], cos, sin, positions)
     return torch.cat((q_rot, q[..., width:]), dim=-1), torch.cat((k_rot, k[..., width:]), dim=-1)
@@ -119,7 +125,7 @@ def apply_rotary_pos_emb(
     # The op takes (batch, heads, seq, dim) views of any strides: a transpose, not a copy.
     q4 = q if heads_first else q.transpose(1, 2)
     k4 = k if heads_first else k.transpose(1, 2)
-    batch, seq = q4.shape[0], q4.shape[2]
+    batch, seq = q4.size(0), q4.size(2)
     # The dtype transformers' formula gives (q * cos promotes), and the op computes in.
     dtype = q.dtype
     if cos.dtype != dtype or sin.dtype != dtype:  # (promote_types is a dispatched call: host time)
