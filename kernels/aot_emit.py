@@ -140,6 +140,7 @@ def _order_asserts() -> list[str]:
     out = [f"static_assert(kNumVariants == {aot_specs.NUM_VARIANTS}, \"variant count mismatch\");"]
     out.append(f"static_assert(kNarrowBelowHeadVectors == {aot_specs.NARROW_BELOW_HEAD_VECTORS}, "
                "\"grid class threshold mismatch\");")
+    out.append(f'static_assert(kMaxBlockH == {aot_specs.MAX_BLOCK_H}, "heads-per-program limit mismatch");')
     for i, value in enumerate(aot_specs.BLOCK_D2_VALUES):
         out.append(f'static_assert(kBlockD2Values[{i}] == {value}, "BLOCK_D2 values mismatch");')
     for v in aot_specs.all_variants():

@@ -34,6 +34,14 @@ def with_table(args: RopeArgs, cos: torch.Tensor, sin: torch.Tensor) -> RopeArgs
     return args._replace(cos=cos, sin=sin)
 
 
+def expanded(device: str, batch: int, heads_q: int, seq: int) -> RopeArgs:
+    """Sizes past the CUDA launch's limits, named by stride-0 views that hold almost no memory."""
+    one = torch.randn(1, 1, 1, 8, device=device)
+    table = torch.randn(4, 4, device=device)
+    positions = torch.zeros(1, dtype=torch.int32, device=device).expand(seq)
+    return RopeArgs(one.expand(batch, heads_q, seq, 8), one.expand(batch, 1, seq, 8), table, table.clone(), positions)
+
+
 @dataclasses.dataclass(frozen=True)
 class BadInput:
     name: str
@@ -104,6 +112,12 @@ BAD_INPUTS = [
              r"cos and sin must be on q's device", devices=("cuda",)),
     BadInput("positions_on_cpu", lambda d: valid(d)._replace(positions=torch.zeros(2, SEQ, dtype=torch.int64)),
              r"positions must be on q's device", devices=("cuda",)),
+    BadInput("more_tokens_than_the_grid_takes", lambda d: expanded(d, batch=2**16, heads_q=1, seq=2**15),
+             r"batch \* seq_len \(65536 \* 32768\) exceeds the CUDA grid limit of 2\^31 - 1 tokens",
+             devices=("cuda",)),
+    BadInput("more_heads_than_32_bits_count", lambda d: expanded(d, batch=1, heads_q=2**31 - 64, seq=1),
+             r"q and k have 2147483584 \+ 1 heads, more than the CUDA kernel's 32-bit head index takes",
+             devices=("cuda",)),
     BadInput("head_dim_over_256_on_cuda", lambda d: valid(d, head_dim=258), r"head_dim above 256 is not supported on CUDA",
              devices=("cuda",)),
 ]

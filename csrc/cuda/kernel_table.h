@@ -33,6 +33,11 @@ static_assert(variant_index(QkDtype::kFloat32, TableDtype::kFloat32, kNumBlockD2
 // aot_specs.NARROW_BELOW_HEAD_VECTORS is the same number (the generated table asserts it).
 constexpr long long kNarrowBelowHeadVectors = 16384;
 
+// The largest heads-per-program value (BLOCK_H) of any kernel: the launcher checks head counts
+// against it before choosing one. aot_specs.MAX_BLOCK_H is the same number (the generated table
+// asserts it).
+constexpr int kMaxBlockH = 64;
+
 struct KernelImage {
   const unsigned char* cubin;  // nullptr: this variant was not built
   std::size_t cubin_size;

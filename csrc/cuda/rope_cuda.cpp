@@ -36,6 +36,7 @@ std::tuple<at::Tensor, at::Tensor> rotate_on_cuda(const char* op, const at::Tens
   // Validation first: it also establishes that every tensor is on q's device, which the guard
   // below relies on.
   const RopeInputs in = check_and_normalize(op, q, k, cos, sin, positions);
+  check_supported_on_cuda(op, in);
   // c10::DeviceGuard on a CUDA device is c10::cuda::CUDAGuard reached through the guard
   // implementation torch registers; unlike CUDAGuard's inline code it references no CUDA runtime
   // symbol, so this library needs neither c10_cuda nor cudart at link time.
@@ -69,6 +70,7 @@ std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_cuda(at::Tensor& q, at::Tens
                                                           const std::optional<at::Tensor>& positions) {
   const char* op = "rope::fused_qk_";
   const RopeInputs in = check_and_normalize(op, q, k, cos, sin, positions);
+  check_supported_on_cuda(op, in);
   check_inplace_targets(op, q, k);
   check_inplace_apart(op, q, k, cos, sin, positions);
   const c10::DeviceGuard device_guard(in.q.device());

@@ -39,6 +39,7 @@ struct Variant {
 
 // The kernel's strides in launch order (aot_specs.STRIDE_PARAMS): all but the positions' are
 // hinted as multiples of 16 in the aligned variants.
+// Each tensor's three strides are in (batch, head, sequence) order, its dims 0, 1, 2.
 enum StrideParam : int {
   kQStrideB, kQStrideH, kQStrideS,
   kKStrideB, kKStrideH, kKStrideS,
@@ -50,6 +51,8 @@ enum StrideParam : int {
   kNumStrideParams
 };
 constexpr int kNumHintedStrides = kPosStrideB;
+static_assert(kKStrideB == kQStrideB + 3 && kQOutStrideB == kQStrideB + 6 && kKOutStrideB == kQStrideB + 9,
+              "make_args fills the strides of q, k, q_out and k_out in a loop, three apart in that order");
 
 // The kernel's parameters as locals of the exact C types the cubin reads: CUdeviceptr for
 // pointers, int32_t for i32; the strides in 64 bits and, for a cubin that takes them in 32
@@ -207,18 +210,13 @@ KernelArgs make_args(const char* op, const RopeInputs& in, const at::Tensor& q_o
   a.table_rows = as_int32(op, "the number of cos/sin rows", in.cos.size(1));
   a.sin_sign = sin_sign;
 
-  a.strides[kQStrideB] = kernel_stride(q, 0);
-  a.strides[kQStrideH] = kernel_stride(q, 1);
-  a.strides[kQStrideS] = kernel_stride(q, 2);
-  a.strides[kKStrideB] = kernel_stride(k, 0);
-  a.strides[kKStrideH] = kernel_stride(k, 1);
-  a.strides[kKStrideS] = kernel_stride(k, 2);
-  a.strides[kQOutStrideB] = kernel_stride(q_out, 0);
-  a.strides[kQOutStrideH] = kernel_stride(q_out, 1);
-  a.strides[kQOutStrideS] = kernel_stride(q_out, 2);
-  a.strides[kKOutStrideB] = kernel_stride(k_out, 0);
-  a.strides[kKOutStrideH] = kernel_stride(k_out, 1);
-  a.strides[kKOutStrideS] = kernel_stride(k_out, 2);
+  // Batch, head and sequence strides (dims 0, 1, 2) of q, k, q_out and k_out, in that order.
+  const at::Tensor* const addressed[] = {&q, &k, &q_out, &k_out};
+  for (int t = 0; t < 4; ++t) {
+    for (int dim = 0; dim < 3; ++dim) {
+      a.strides[kQStrideB + 3 * t + dim] = kernel_stride(*addressed[t], dim);
+    }
+  }
   a.strides[kCosStrideRow] = kernel_stride(in.cos, 1);
   a.strides[kSinStrideRow] = kernel_stride(in.sin, 1);
   a.strides[kCosStrideB] = kernel_stride(in.cos, 0);  // 0 for one table shared by every sequence
@@ -255,6 +253,16 @@ void check_supported_on_cuda(const char* op, const RopeInputs& in) {
   const int64_t head_dim = in.q.size(3);
   TORCH_CHECK(head_dim / 2 <= kMaxHalfDim, op, ": head_dim above ", 2 * kMaxHalfDim,
               " is not supported on CUDA (got ", head_dim, "; the CPU backend has no such limit)");
+  // The grid's limits that do not depend on the kernel chosen. (Expanded views can name that
+  // many tokens or heads without holding the memory; the outputs would.)
+  int64_t tokens = 0;
+  TORCH_CHECK(!__builtin_mul_overflow(in.q.size(0), in.q.size(2), &tokens) && tokens <= kInt32Max, op,
+              ": batch * seq_len (", in.q.size(0), " * ", in.q.size(2),
+              ") exceeds the CUDA grid limit of 2^31 - 1 tokens");
+  // The kernel counts heads in 32 bits, up to the end of the last block of at most kMaxBlockH.
+  const int64_t heads = in.q.size(1) + in.k.size(1);
+  TORCH_CHECK(heads <= kInt32Max - kMaxBlockH, op, ": q and k have ", in.q.size(1), " + ", in.k.size(1),
+              " heads, more than the CUDA kernel's 32-bit head index takes");
 }
 
 const ArchKernels* select_arch(int capability) {
@@ -288,15 +296,12 @@ std::string built_arch_list() {
 
 void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, const at::Tensor& k_out,
                  int sin_sign) {
-  check_supported_on_cuda(op, in);
   const int64_t batch = in.q.size(0);
   const int64_t seq_len = in.q.size(2);
   if (batch == 0 || seq_len == 0 || (in.q.size(1) == 0 && in.k.size(1) == 0)) {
     return;  // nothing to rotate; an empty grid is not a valid launch
   }
-  int64_t tokens = 0;
-  TORCH_CHECK(!__builtin_mul_overflow(batch, seq_len, &tokens) && tokens <= kInt32Max, op, ": batch * seq_len (",
-              batch, " * ", seq_len, ") exceeds the CUDA grid limit of 2^31 - 1 tokens");
+  const int64_t tokens = batch * seq_len;  // at most 2^31 - 1: check_supported_on_cuda
   check_unit_last_stride(op, "q", in.q);
   check_unit_last_stride(op, "k", in.k);
   check_unit_last_stride(op, "q_out", q_out);
@@ -328,12 +333,9 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
   // memory order: heads fastest (a one-dimensional grid) where a token's heads lie closer
   // together than neighbouring tokens, as in (B, S, H, D); else tokens fastest, grid (tokens,
   // head blocks), as for (B, H, S, D).
-  TORCH_CHECK(image.block_h > 0, op, ": internal error: the sm_", arch->arch, " kernel ", image.function_name,
-              " has no heads-per-program value");
-  const int64_t heads = in.q.size(1) + in.k.size(1);
-  // The kernel counts heads in 32 bits, up to the end of the last block.
-  TORCH_CHECK(heads <= kInt32Max - image.block_h, op, ": q and k have ", in.q.size(1), " + ", in.k.size(1),
-              " heads, more than the CUDA kernel's 32-bit head index takes");
+  TORCH_CHECK(image.block_h > 0 && image.block_h <= kMaxBlockH, op, ": internal error: the sm_", arch->arch,
+              " kernel ", image.function_name, " has heads-per-program value ", image.block_h);
+  const int64_t heads = in.q.size(1) + in.k.size(1);  // 32-bit head index: check_supported_on_cuda
   const int64_t head_blocks = ceil_div(heads, image.block_h);
   // The 2-D grid's y extent is limited to 65535; beyond that many head blocks (a million heads
   // and more) the 1-D order is used whatever the layout: slower to walk, equally correct.

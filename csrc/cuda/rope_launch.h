@@ -11,14 +11,15 @@
 
 namespace rope_kernels::cuda {
 
-// What only the CUDA backend cannot do (float64, head_dim above 256): checked before the
-// outputs are allocated, so the error comes before any work.
+// What only the CUDA backend cannot do (float64, head_dim above 256, more tokens or heads than
+// the grid and the kernel's 32-bit indices take): checked before the outputs are allocated, so
+// the error comes before any work.
 void check_supported_on_cuda(const char* op, const RopeInputs& in);
 
 // Writes the rotation of in.q and in.k (sin multiplied by sin_sign: +1 forward, -1 backward)
 // into q_out and k_out, fresh tensors of the same shapes on the same device. Enqueued on the
 // device's current stream; no allocation, no synchronization. Launches nothing for empty work.
-// The caller holds a device guard for that device.
+// The caller has run check_supported_on_cuda on `in` and holds a device guard for its device.
 void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, const at::Tensor& k_out,
                  int sin_sign);
 
