@@ -6,6 +6,7 @@ backend x dynamic, with a second shape only where dynamic shapes are under test.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 import pytest
@@ -98,4 +99,17 @@ def test_compiled_python_api(device: str) -> None:
     recorder = RecordingBackend("aot_eager")
     compiled = torch.compile(apply_rope_api, backend=recorder, fullgraph=True)
     check_against_eager(compiled, RopeCase(layout="qkv"), device)
+    assert_one_graph_calling_the_op(recorder)
+
+
+@pytest.mark.parametrize("positions", ["none", "bs:int64"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_per_sequence_tables(device: str, positions: str) -> None:
+    # One (B, S_max, W) table per sequence, under dynamic shapes: the batch size is symbolic in the
+    # fake kernel's table check, and a second batch size must not recompile.
+    recorder = RecordingBackend("aot_eager")
+    compiled = torch.compile(apply_rope, backend=recorder, fullgraph=True, dynamic=True)
+    for case in (CASE, OTHER_SHAPE):
+        check_against_eager(compiled, dataclasses.replace(case, positions=positions, per_sequence_tables=True),
+                            device)
     assert_one_graph_calling_the_op(recorder)
