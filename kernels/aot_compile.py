@@ -194,7 +194,7 @@ def ptx_entry_param_bits(ptx: str, name: str) -> list[int]:
 
 
 def count_trailing_params(ptx: str, name: str, expected_bits: list[int], expected: int) -> int:
-    """Number of parameters Triton appended after our 29 (PTX params - 29), checking that ours
+    """Number of parameters Triton appended after our 31 (PTX params - 31), checking that ours
     have the widths the launcher passes (`expected_bits`, from the variant) and that the rest are
     the `expected` scratch pointers."""
     bits = ptx_entry_param_bits(ptx, name)

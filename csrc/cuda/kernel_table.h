@@ -46,7 +46,7 @@ struct KernelImage {
   int shared_bytes;            // metadata.shared
   int num_trailing_null_params;// pointer params Triton appends (global/profile scratch): passed as null
   int block_h;                 // heads per program, counted over q's heads then k's: sets the head blocks per token
-  int stride_bits;             // width of the 16 stride parameters: 32 (aligned variants) or 64
+  int stride_bits;             // width of the 18 stride parameters: 32 (aligned variants) or 64
 };
 struct ArchKernels { int arch; const KernelImage* kernels; };  // arch = 10*major + minor; kNumVariants entries
 extern const ArchKernels kBuiltArchs[];

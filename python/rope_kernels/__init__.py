@@ -64,8 +64,8 @@ def fused_qk(
     cos/sin: ``(S_max, D/2)`` or ``(S_max, D)`` (first half used), leading size-1 dims allowed,
     float32 or q's dtype; or one such table per sequence, ``(B, S_max, D/2 or D)`` (the per-token
     angles of Hugging Face models). positions: optional int32/int64 ``(B, S)`` or ``(S,)`` table
-    rows; without it token s uses row s. A position outside the table gives NaN for that token. Returns new
-    tensors laid out like q and k. Differentiable with respect to q and k.
+    rows; without it token s uses row s. A position outside the table gives NaN for that token.
+    Returns new tensors laid out like q and k. Differentiable with respect to q and k.
     """
     return torch.ops.rope.fused_qk(q, k, cos, sin, positions)
 

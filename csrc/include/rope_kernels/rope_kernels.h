@@ -38,7 +38,8 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
 // Rotates q (B, Hq, S, D) and k (B, Hk, S, D), any strides, by the angles in the cos/sin tables:
 // (S_max, D/2), or the full-width (S_max, D) table of which the first half is used, leading
 // size-1 dims allowed, float32 or q's dtype; or one such table per sequence, (B, S_max, D/2 or D).
-// positions: optional int32/int64 (B, S) or (S,) table rows; without it token s uses row s. A position outside the table gives NaN for that token.
+// positions: optional int32/int64 (B, S) or (S,) table rows; without it token s uses row s. A
+// position outside the table gives NaN for that token.
 // Returns new tensors laid out like q and k. Bad arguments raise c10::Error ("rope::fused_qk: ...").
 inline std::tuple<at::Tensor, at::Tensor> fused_qk(const at::Tensor& q, const at::Tensor& k,
                                                    const at::Tensor& cos, const at::Tensor& sin,
