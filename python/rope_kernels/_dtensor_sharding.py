@@ -47,11 +47,15 @@ def _positions_placement(positions: Optional[object], q_dim: int) -> Optional[Pl
     return Replicate()
 
 
-def _per_sequence_tables(table: object) -> bool:
-    """Whether cos/sin hold one table per sequence: (batch, max_seq, W) with batch > 1 (the op
-    drops leading size-1 dims, so (1, max_seq, W) is one shared table)."""
+def _table_batch_dim(table: object) -> Optional[int]:
+    """The dimension of cos/sin that counts the sequences when they hold one table per sequence,
+    else None. The op drops leading size-1 dims first, as here: (1, B, max_seq, W) is B tables
+    along dim 1, and (1, max_seq, W) one shared table."""
     shape = table.shape  # type: ignore[attr-defined]  (DTensor's spec of the tensor)
-    return len(shape) == 3 and shape[0] != 1
+    leading = 0
+    while len(shape) - leading > 2 and shape[leading] == 1:
+        leading += 1
+    return leading if len(shape) - leading == 3 else None
 
 
 def rope_shardings(q: object, k: object, cos: object, sin: object,
@@ -70,7 +74,8 @@ def rope_shardings(q: object, k: object, cos: object, sin: object,
                          [q_place, k_place, table, table, _positions_placement(positions, HEADS_DIM)]))
     # Batch: q and k together, as the op requires equal batch sizes; per-sequence tables with them.
     batch = Shard(BATCH_DIM)
-    batch_table = Shard(0) if _per_sequence_tables(cos) else table
+    table_batch_dim = _table_batch_dim(cos)
+    batch_table = table if table_batch_dim is None else Shard(table_batch_dim)
     rows.append(([batch, batch], [batch, batch, batch_table, batch_table,
                                   _positions_placement(positions, BATCH_DIM)]))
     # Sequence: only with positions (see the module's doc).

@@ -59,7 +59,7 @@ SHARDINGS = [
 ]
 
 POSITIONS = ("bs:int64", "s:int32", "none")
-PER_SEQUENCE_TABLE_POSITIONS = ("bs:int64", "none")
+PER_SEQUENCE_TABLE_CASES = (("bs:int64", 0), ("none", 1))  # (positions, leading size-1 dims)
 
 
 def positions_placement(sharding: Sharding, positions: str) -> Placement:
@@ -84,24 +84,26 @@ def within_one_rounding(dtype: torch.dtype) -> dict:
     return {"rtol": 2 * tol["rtol"], "atol": 2 * tol["atol"]}
 
 
-def table_placement(sharding: Sharding, per_sequence_tables: bool) -> Placement:
-    """Where cos/sin go: whole on every rank, or with one table per sequence, split with a batch split."""
-    return Shard(0) if per_sequence_tables and sharding.q == Shard(0) else R
+def table_placement(sharding: Sharding, per_sequence_tables: bool, table_leading: int) -> Placement:
+    """Where cos/sin go: whole on every rank, or with one table per sequence, split with a batch
+    split (along their sequence dimension, after `table_leading` size-1 dims)."""
+    return Shard(table_leading) if per_sequence_tables and sharding.q == Shard(0) else R
 
 
 def check_sharded_op(mesh, device: str, dtype: torch.dtype, sharding: Sharding, positions: str,
-                     per_sequence_tables: bool, seed: int) -> None:
+                     per_sequence_tables: bool, seed: int, table_leading: int = 0) -> None:
     torch.manual_seed(seed)  # the same global tensors on every rank
     # Uneven splits on purpose: batch 3 and sequence 7 do not divide by 2.
     case = RopeCase(batch=3, heads_q=4, heads_k=2, seq=7, head_dim=32, dtype=dtype, layout="bshd",
-                    positions=positions, per_sequence_tables=per_sequence_tables)
+                    positions=positions, per_sequence_tables=per_sequence_tables, table_leading=table_leading)
     args = make_args(case, device)
     grads = make_args(case, device)  # random output gradients of the same shapes
     whole = torch.ops.rope.fused_qk(*args)
     q = distribute_tensor(args.q, mesh, [sharding.q]).requires_grad_()
     k = distribute_tensor(args.k, mesh, [sharding.k]).requires_grad_()
-    cos = distribute_tensor(args.cos, mesh, [table_placement(sharding, per_sequence_tables)])
-    sin = distribute_tensor(args.sin, mesh, [table_placement(sharding, per_sequence_tables)])
+    table = table_placement(sharding, per_sequence_tables, table_leading)
+    cos = distribute_tensor(args.cos, mesh, [table])
+    sin = distribute_tensor(args.sin, mesh, [table])
     pos = None if args.positions is None else distribute_tensor(args.positions, mesh,
                                                                 [positions_placement(sharding, positions)])
     q_out, k_out = torch.ops.rope.fused_qk(q, k, cos, sin, pos)
@@ -206,9 +208,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             for positions in POSITIONS:
                 seed += 1
                 check_sharded_op(mesh, device, dtype, sharding, positions, False, seed)
-            for positions in PER_SEQUENCE_TABLE_POSITIONS:  # one (B, S_max, W) table per sequence
+            # One (B, S_max, W) table per sequence; with a leading size-1 dim, (1, B, S_max, W).
+            for positions, table_leading in PER_SEQUENCE_TABLE_CASES:
                 seed += 1
-                check_sharded_op(mesh, device, dtype, sharding, positions, True, seed)
+                check_sharded_op(mesh, device, dtype, sharding, positions, True, seed, table_leading)
             report(f"dtensor {str(dtype).replace('torch.', '')} {sharding.name}: ok")
     # Whole-model checks in full precision (float32 on a GPU, TF32 off): the split matmuls differ
     # from the whole ones only by summation order.
