@@ -3,6 +3,8 @@
 - ours:    torch.ops.rope.fused_qk on the full-width table (with positions for decode rows)
 - ours-rows: rope_kernels.apply_rotary_pos_emb (the Hugging Face drop-in) on the rows of each
            token, as the peers get them: no position -> table-row lookup inside the kernel
+- ours-inplace: torch.ops.rope.fused_qk_, which rotates q and k where they lie, as Liger does
+           (forward only: see OursInPlace)
 - eager:   Hugging Face's apply_rotary_pos_emb (rotate_half) in eager PyTorch
 - compile: the same function under torch.compile, compiled afresh for every workload
 - liger:   Liger-Kernel's Triton RoPE (LigerRopeFunction), which rotates q and k in place
@@ -26,6 +28,7 @@ from .library import import_rope_kernels
 from .workloads import Inputs, Workload
 
 Outputs = Tuple[torch.Tensor, torch.Tensor]
+DIRECTIONS: Tuple[str, str] = ("forward", "backward")
 BoundCall = Callable[[], Outputs]
 
 
@@ -52,6 +55,10 @@ class Candidate:
     label: str = ""
     # True when a call writes q and k (and the backward its incoming gradients) in place.
     writes_inputs: bool = False
+    # What is checked and timed: forward and backward, or the forward alone.
+    directions: Tuple[str, ...] = DIRECTIONS
+    # Whether its cold start is measured (not where it would repeat another candidate's).
+    measures_cold_start: bool = True
 
     def load(self, device: torch.device) -> None:
         """Import what the candidate needs; raise CandidateUnavailable when it cannot run."""
@@ -106,6 +113,30 @@ class OursRows(Ours):
         apply = self._module.apply_rotary_pos_emb
         q, k, cos, sin = inputs.q, inputs.k, inputs.token_cos, inputs.token_sin
         return lambda: apply(q, k, cos, sin)
+
+
+class OursInPlace(Ours):
+    """The library's in-place op, fused_qk_, on the table (and positions) as `ours` gets them.
+
+    Writing where it reads, as Liger does, spares the memory system what fresh outputs cost it
+    (with the L2 flushed, and in a CUDA graph, whose captured calls each get their own outputs),
+    so this is the like-for-like comparison with Liger. Forward only: like torch's own in-place
+    ops it refuses to overwrite a tensor that autograd needs (q and k here are views of leaves
+    that require grad), so it runs on detached q and k with nothing recorded; the gradient of a
+    rotation made in place is the same kernel as `ours` backward.
+    """
+
+    key = "ours-inplace"
+    label = "rope_kernels (in place)"
+    writes_inputs = True
+    directions = ("forward",)
+    measures_cold_start = False  # the same import and kernels as `ours`
+
+    def bind(self, inputs: Inputs) -> BoundCall:
+        op = torch.ops.rope.fused_qk_
+        q, k = inputs.q.detach(), inputs.k.detach()
+        cos, sin, positions = inputs.table_cos, inputs.table_sin, inputs.positions
+        return lambda: op(q, k, cos, sin, positions)
 
 
 class Eager(Candidate):
@@ -217,7 +248,8 @@ class Liger(Candidate):
 
 
 CANDIDATE_TYPES: Dict[str, Callable[[], Candidate]] = {
-    "ours": Ours, "ours-rows": OursRows, "eager": Eager, "compile": Compiled, "liger": Liger}
+    "ours": Ours, "ours-rows": OursRows, "ours-inplace": OursInPlace, "eager": Eager, "compile": Compiled,
+    "liger": Liger}
 CANDIDATE_KEYS: List[str] = list(CANDIDATE_TYPES)
 
 

@@ -1,7 +1,8 @@
 """One workload, every candidate: check each against the reference, then take its figures.
 
-Forward figures run with autograd recording (a training step's forward); backward figures are
-the gradient of q and k alone, `torch.autograd.grad` on one retained graph. Host and CUDA-graph
+Forward figures run with autograd recording (a training step's forward; the in-place candidate,
+which has no backward, records nothing); backward figures are the gradient of q and k alone,
+`torch.autograd.grad` on one retained graph. Host and CUDA-graph
 figures run the forward without grad (inference, decoding).
 """
 from __future__ import annotations
@@ -14,12 +15,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .candidates import BoundCall, Candidate
+from .candidates import DIRECTIONS, BoundCall, Candidate
 from .reference import check_rotation
 from .timing import Figure, Measured, Timer
 from .workloads import Inputs, Workload, make_inputs
-
-DIRECTIONS: Tuple[str, str] = ("forward", "backward")
 
 # Host time of a call whose wall time is unknown: sizes the loop only.
 DEFAULT_ESTIMATE_US: float = 100.0
@@ -30,7 +29,7 @@ class Prepared:
     candidate: Candidate
     inputs: Inputs
     forward: BoundCall
-    backward: Callable[[], Any]
+    backward: Optional[Callable[[], Any]]  # None for a forward-only candidate
 
 
 def error_text(error: BaseException) -> str:
@@ -48,8 +47,9 @@ def _poison_allocator(device: torch.device, like: Sequence[torch.Tensor]) -> Non
 
 def check_candidate(candidate: Candidate, workload: Workload, pristine: Inputs, timer: Timer,
                     entry: Dict[str, Any]) -> Optional[Prepared]:
-    """One forward and one backward on fresh copies of the inputs, each checked against the
-    float64 reference; the calls to time when both pass, None otherwise (entry says why)."""
+    """One forward and one backward (where the candidate has one) on fresh copies of the inputs,
+    each checked against the float64 reference; the calls to time when all pass, None otherwise
+    (entry says why)."""
     candidate.prepare(workload)
     inputs = pristine.clone()
     forward = candidate.bind(inputs)
@@ -63,6 +63,15 @@ def check_candidate(candidate: Candidate, workload: Workload, pristine: Inputs, 
     forward_s = time.perf_counter() - start
     forward_check = check_rotation("q_out", outputs[0], pristine.q, cos_half, sin_half, False).combined(
         check_rotation("k_out", outputs[1], pristine.k, cos_half, sin_half, False))
+
+    if "backward" not in candidate.directions:
+        entry["first_call_s"] = {"forward": forward_s}
+        entry["check"] = {"forward": forward_check.to_json()}
+        if not forward_check.passed:
+            entry["status"] = "failed check"
+            entry["error"] = forward_check.message
+            return None
+        return Prepared(candidate, inputs, forward, None)
 
     _poison_allocator(timer.device, (pristine.q, pristine.k))
     start = time.perf_counter()
@@ -158,13 +167,14 @@ def measure_workload(workload: Workload, candidates: List[Tuple[Candidate, Optio
             log("  {:<14} FAILED the check, not timed: {}".format(candidate.label, entry["error"]))
             continue
         entry["status"] = "ok"
-        first = entry["first_call_s"]
-        log("  {:<14} check passed (worst error {:.2f} / {:.2f} of the allowance); first call {:.3f} s / {:.3f} s"
-            .format(candidate.label, entry["check"]["forward"]["worst_ratio"],
-                    entry["check"]["backward"]["worst_ratio"], first["forward"], first["backward"]))
+        checked = [d for d in DIRECTIONS if d in entry["check"]]
+        log("  {:<14} check passed (worst error {} of the allowance); first call {}".format(
+            candidate.label, " / ".join("{:.2f}".format(entry["check"][d]["worst_ratio"]) for d in checked),
+            " / ".join("{:.3f} s".format(entry["first_call_s"][d]) for d in checked)))
         prepared.append(ready)
         figures.append(Figure(candidate.key + "/forward", ready.forward))
-        figures.append(Figure(candidate.key + "/backward", ready.backward))
+        if ready.backward is not None:
+            figures.append(Figure(candidate.key + "/backward", ready.backward))
 
     try:
         kernel = timer.kernel_times(figures)
@@ -177,7 +187,7 @@ def measure_workload(workload: Workload, candidates: List[Tuple[Candidate, Optio
     record["floor"] = figure_entry(kernel.get("floor"), wall["floor"], None, None, workload.bytes_moved)
     for done in prepared:
         entry = record["candidates"][done.candidate.key]
-        for direction in DIRECTIONS:
+        for direction in done.candidate.directions:
             key = done.candidate.key + "/" + direction
             entry[direction] = figure_entry(kernel.get(key), wall[key], floor_kernel, floor_wall,
                                             workload.bytes_moved)

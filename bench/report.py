@@ -2,7 +2,8 @@
 
 Summary cells show "forward/backward" ratios to the copy floor; "n/a" marks a candidate that is
 not available here, "FAIL" one that failed the correctness check (never timed), "err" a figure
-that could not be taken (the JSON says why), "-" a figure that does not exist on this device.
+that could not be taken (the JSON says why), "-" a figure that does not exist on this device or
+for this candidate (the in-place op has no backward of its own).
 """
 from __future__ import annotations
 
@@ -131,7 +132,9 @@ def detail_table(results: Dict[str, Any]) -> Dict[str, Any]:
                              "", "", "", "", "", ""])
                 continue
             for direction in DIRECTIONS:
-                figure = entry.get(direction, {})
+                if direction not in entry:
+                    continue  # a forward-only candidate
+                figure = entry[direction]
                 rows.append([workload["name"], entry.get("label", key), {"forward": "fwd", "backward": "bwd"}[direction],
                              _number(figure.get("kernel_us")), _ratio(figure.get("kernel_x")),
                              _number(figure.get("kernel_gbps"), 0), _number(figure.get("wall_us")),

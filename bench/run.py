@@ -225,7 +225,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> Dict[str, Any]:
     elif run_cold:
         cold: Dict[str, Any] = {"workload": args.cold_start_workload, "results": {}}
         for candidate, unavailable in candidates:
-            if unavailable is not None:
+            if unavailable is not None or not candidate.measures_cold_start:
                 continue
             if out_of_time():
                 cold["results"][candidate.key] = {"error": "skipped (time limit)"}

@@ -51,7 +51,7 @@ MAX_PAIRS_PER_THREAD: int = 64
 class Shape:
     block_h: int
     num_warps: int
-    heads_fastest: bool = True  # program order: heads of a token fastest, or tokens fastest
+    heads_fastest: bool = True  # program order: heads of a token fastest, or the sequence fastest
 
     @property
     def label(self) -> str:
@@ -113,6 +113,21 @@ def candidate_shapes(block_d2: int, block_hs: List[int], warps: List[int]) -> Li
     return shapes
 
 
+# CUDA's limit on a grid's y and z extents.
+MAX_GRID_YZ: int = 65535
+
+
+def launch_grid(batch: int, seq: int, n_blocks: int, heads_fastest: bool) -> Tuple[Tuple[int, int, int], int]:
+    """The grid and grid_order value the library's launcher uses (choose_grid in
+    csrc/cuda/rope_launch.cpp); grid_order numbers aot_specs.GRID_ORDERS."""
+    if batch <= MAX_GRID_YZ:
+        if heads_fastest and seq <= MAX_GRID_YZ:
+            return (n_blocks, seq, batch), 1
+        if not heads_fastest and n_blocks <= MAX_GRID_YZ:
+            return (seq, n_blocks, batch), 2
+    return (batch * seq * n_blocks, 1, 1), 0
+
+
 def launcher(kernel: Any, inputs: Inputs, q_out: torch.Tensor, k_out: torch.Tensor, block_d2: int,
              shape: Shape) -> Callable[[], None]:
     """A no-argument call of the JIT kernel on these tensors (forward rotation)."""
@@ -121,19 +136,21 @@ def launcher(kernel: Any, inputs: Inputs, q_out: torch.Tensor, k_out: torch.Tens
     batch, heads_q, seq, head_dim = q.shape
     heads_k = k.shape[1]
     n_blocks = -(-(heads_q + heads_k) // shape.block_h)  # q's heads then k's, one axis
-    grid = (batch * seq * n_blocks,) if shape.heads_fastest else (batch * seq, n_blocks)
+    grid, grid_order = launch_grid(batch, seq, n_blocks, shape.heads_fastest)
     pos_arg = pos if pos is not None else q  # never read without HAS_POS
     pos_strides = (pos.stride(0), pos.stride(1)) if pos is not None else (0, 0)
 
     def call() -> None:
         kernel[grid](
             q, k, q_out, k_out, cos, sin, pos_arg,
-            seq, heads_q, heads_k, head_dim // 2, cos.shape[0], 1,
+            seq, heads_q, heads_k, head_dim // 2, cos.shape[0], 1, grid_order,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             q_out.stride(0), q_out.stride(1), q_out.stride(2),
             k_out.stride(0), k_out.stride(1), k_out.stride(2),
-            cos.stride(0), sin.stride(0), pos_strides[0], pos_strides[1],
+            cos.stride(0), sin.stride(0),
+            0, 0,  # one table shared by every sequence
+            pos_strides[0], pos_strides[1],
             BLOCK_D2=block_d2, BLOCK_H=shape.block_h, HAS_POS=pos is not None, num_warps=shape.num_warps)
 
     return call

@@ -140,8 +140,10 @@ def _compile(job: CompileJob) -> Any:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = getattr(_load_kernel_module(job.kernel_path), aot_specs.KERNEL_NAME)
+    module = _load_kernel_module(job.kernel_path)
+    fn = getattr(module, aot_specs.KERNEL_NAME)
     _check_parameter_list(list(fn.arg_names))
+    _check_grid_orders(module)
     variant = job.variant
     src = ASTSource(fn=fn, signature=variant.signature(), constexprs=variant.constexprs(job.arch),
                     attrs=_divisibility_attrs(fn.arg_names, variant.divisible_by_16()))
@@ -164,6 +166,14 @@ def _check_parameter_list(arg_names: list[str]) -> None:
     expected = list(aot_specs.RUNTIME_PARAMS + aot_specs.CONSTEXPR_PARAMS)
     if arg_names != expected:
         raise RuntimeError(f"{aot_specs.KERNEL_NAME} parameters changed: {arg_names} != {expected}")
+
+
+def _check_grid_orders(module: ModuleType) -> None:
+    """The launcher sends grid_order as aot_specs.GRID_ORDERS numbers it: the kernel must agree."""
+    for value, name in enumerate(aot_specs.GRID_ORDERS):
+        constant = getattr(module, "GRID_" + name.upper(), None)
+        if getattr(constant, "value", constant) != value:
+            raise RuntimeError(f"rope_kernel.GRID_{name.upper()} is {constant}, aot_specs.GRID_ORDERS says {value}")
 
 
 def _divisibility_attrs(arg_names: list[str], hinted: tuple[str, ...]) -> dict[tuple[int, ...], Any]:

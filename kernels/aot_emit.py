@@ -141,6 +141,9 @@ def _order_asserts() -> list[str]:
     out.append(f"static_assert(kNarrowBelowHeadVectors == {aot_specs.NARROW_BELOW_HEAD_VECTORS}, "
                "\"grid class threshold mismatch\");")
     out.append(f'static_assert(kMaxBlockH == {aot_specs.MAX_BLOCK_H}, "heads-per-program limit mismatch");')
+    for i, name in enumerate(aot_specs.GRID_ORDERS):
+        enumerator = "k" + "".join(word.capitalize() for word in name.split("_"))
+        out.append(f'static_assert(static_cast<int>(GridOrder::{enumerator}) == {i}, "grid order mismatch");')
     for i, value in enumerate(aot_specs.BLOCK_D2_VALUES):
         out.append(f'static_assert(kBlockD2Values[{i}] == {value}, "BLOCK_D2 values mismatch");')
     for v in aot_specs.all_variants():

@@ -17,7 +17,7 @@ KERNEL_NAME = "rope_qk_kernel"
 # Pointer types and the width of the strides depend on the variant (see Variant.signature);
 # Triton appends its own scratch pointers after these, which the launcher passes as null.
 POINTER_PARAMS = ("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "cos_ptr", "sin_ptr", "pos_ptr")
-I32_PARAMS = ("seq_len", "n_heads_q", "n_heads_k", "half_dim", "table_rows", "sin_sign")
+I32_PARAMS = ("seq_len", "n_heads_q", "n_heads_k", "half_dim", "table_rows", "sin_sign", "grid_order")
 STRIDE_PARAMS = (
     "q_stride_b", "q_stride_h", "q_stride_s",
     "k_stride_b", "k_stride_h", "k_stride_s",
@@ -27,8 +27,11 @@ STRIDE_PARAMS = (
     "cos_stride_b", "sin_stride_b",
     "pos_stride_b", "pos_stride_s",
 )
+# Values of grid_order, in order: which grid index is which coordinate (the GRID_* constants of
+# rope_kernel.py and the GridOrder enum of kernel_table.h; the build checks both against this).
+GRID_ORDERS = ("flat", "heads_fastest", "sequence_fastest")
 RUNTIME_PARAMS = POINTER_PARAMS + I32_PARAMS + STRIDE_PARAMS
-NUM_RUNTIME_PARAMS = len(RUNTIME_PARAMS)  # 31, as the launcher passes them
+NUM_RUNTIME_PARAMS = len(RUNTIME_PARAMS)  # 32, as the launcher passes them
 CONSTEXPR_PARAMS = ("BLOCK_D2", "BLOCK_H", "HAS_POS")
 
 # What the launcher may promise in an aligned variant: every pointer but pos_ptr is 16-byte
@@ -70,9 +73,9 @@ OPTIONAL_ARCHS = (100, 120)
 DEFAULT_ARCHS = REQUIRED_ARCHS + OPTIONAL_ARCHS
 
 
-# The largest heads-per-program value a table may hold. The launcher falls back from the 2-D grid
-# (at most 65535 head blocks) to the 1-D one above that, and tests/test_forward.py checks the
-# fallback with a head count past 65535 blocks of this size.
+# The largest heads-per-program value a table may hold. A sequence-fastest grid holds at most 65535
+# head blocks in its y extent; the launcher falls back to the flat grid above that, and
+# tests/test_forward.py checks the fallback with a head count past 65535 blocks of this size.
 MAX_BLOCK_H = 64
 
 

@@ -4,9 +4,13 @@ Each program rotates BLOCK_H consecutive heads of one token t = b * seq_len + s,
 one axis that holds q's heads and then k's: head block j covers heads j * BLOCK_H ... of that
 axis, so q and k share one launch (GQA: k may have fewer heads), a block may hold heads of both,
 and with BLOCK_H >= n_heads_q + n_heads_k one program rotates the whole token. The launcher picks
-the order in which programs walk (token, head block) to follow memory: heads fastest for a
-(B, S, H, D) layout (a one-dimensional grid), tokens fastest for (B, H, S, D) (grid (tokens, head
-blocks)); the kernel tells them apart by the grid's y extent.
+the order in which programs walk (batch, sequence, head block) to follow memory and says which
+in ``grid_order``: heads fastest for a (B, S, H, D) layout, grid (head blocks, seq_len, batch);
+sequence fastest for (B, H, S, D), grid (seq_len, head blocks, batch). Each program reads its
+coordinates straight from its grid indices: no integer division stands between its start and its
+first load, which is most of the latency of a decoding step's kernel. Where the sequence or the
+batch exceeds the 65535 the y and z extents hold (long context), a one-dimensional grid walks
+heads fastest and divides instead.
 
 The table in aot_specs.py sets BLOCK_H and the warp count per element size, head-dim block and
 grid class, from measurements: bandwidth-bound launches want many small programs, latency-bound
@@ -28,12 +32,18 @@ launcher asks for with ``sin_sign = -1``.
 import triton
 import triton.language as tl
 
+# Values of grid_order: which grid index is which coordinate (the launcher's GridOrder enum holds
+# the same numbers; the generated kernel table asserts it).
+GRID_FLAT = tl.constexpr(0)
+GRID_HEADS_FASTEST = tl.constexpr(1)
+GRID_SEQUENCE_FASTEST = tl.constexpr(2)
+
 
 @triton.jit
 def rope_qk_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr,
     cos_ptr, sin_ptr, pos_ptr,
-    seq_len, n_heads_q, n_heads_k, half_dim, table_rows, sin_sign,
+    seq_len, n_heads_q, n_heads_k, half_dim, table_rows, sin_sign, grid_order,
     q_stride_b, q_stride_h, q_stride_s,
     k_stride_b, k_stride_h, k_stride_s,
     q_out_stride_b, q_out_stride_h, q_out_stride_s,
@@ -45,21 +55,30 @@ def rope_qk_kernel(
     BLOCK_H: tl.constexpr,  # heads per program
     HAS_POS: tl.constexpr,  # positions tensor given (int32 or int64, from pos_ptr's type)
 ):
-    if tl.num_programs(1) == 1:
-        # Heads fastest: program p is head block p % n_blocks of token p // n_blocks, so programs
-        # that run together read neighbouring memory when a token's heads lie together (B, S, H, D).
+    if grid_order == GRID_HEADS_FASTEST:
+        # (head blocks, seq_len, batch): neighbouring programs read neighbouring memory when a
+        # token's heads lie together, (B, S, H, D).
+        head_block = tl.program_id(0)
+        s32 = tl.program_id(1)
+        b32 = tl.program_id(2)
+    elif grid_order == GRID_SEQUENCE_FASTEST:
+        # (seq_len, head blocks, batch): for layouts whose heads lie apart, (B, H, S, D).
+        s32 = tl.program_id(0)
+        head_block = tl.program_id(1)
+        b32 = tl.program_id(2)
+    else:
+        # One dimension, heads fastest (GRID_FLAT), for grids the other two cannot hold: program p
+        # is head block p % n_blocks of token p // n_blocks. 32-bit divisions: the launcher keeps
+        # the grid below 2^31 programs.
         n_blocks = tl.cdiv(n_heads_q + n_heads_k, BLOCK_H)
         program = tl.program_id(0)
         token = program // n_blocks
         head_block = program - token * n_blocks
-    else:
-        # Tokens fastest: grid (tokens, head blocks), for layouts whose heads lie apart (B, H, S, D).
-        token = tl.program_id(0)
-        head_block = tl.program_id(1)
-    # 32-bit divisions (the launcher keeps the grid below 2^31 programs); addresses in 64 bits.
-    b32 = token // seq_len
+        b32 = token // seq_len
+        s32 = token - b32 * seq_len
+    # Indices in 32 bits, addresses in 64.
     b = b32.to(tl.int64)
-    s = (token - b32 * seq_len).to(tl.int64)
+    s = s32.to(tl.int64)
 
     # The block's rows index q's heads and then k's as one axis: row r is q head r while
     # r < n_heads_q and k head r - n_heads_q after that. A block may straddle the two, so a

@@ -122,7 +122,7 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "results"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT / "python"), env.get("PYTHONPATH", "")) if p)
-    command = [sys.executable, "-m", "bench", "--device", "cpu", "--smoke", "--impls", "ours,ours-rows,eager",
+    command = [sys.executable, "-m", "bench", "--device", "cpu", "--smoke", "--impls", "ours,ours-rows,ours-inplace,eager",
                "--workloads", "seed-example,decode-b64", "--cold-start-workload", "decode-b1", "--out", str(out)]
     proc = subprocess.run(command, cwd=str(REPO_ROOT), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -137,6 +137,12 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
             assert entry["check"]["forward"]["passed"] and entry["check"]["backward"]["passed"]
             for direction in ("forward", "backward"):
                 assert entry[direction]["wall_us"] > 0 and entry[direction]["wall_gbps"] > 0
+        # The in-place op: checked and timed forward only (it has no backward of its own).
+        in_place = workload["candidates"]["ours-inplace"]
+        assert in_place["status"] == "ok", in_place
+        assert in_place["check"]["forward"]["passed"] and "backward" not in in_place["check"]
+        assert in_place["forward"]["wall_us"] > 0 and "backward" not in in_place and in_place["host_us"] > 0
+    assert "ours-inplace" not in results["cold_start"]["results"]  # the same import as ours
     cold = results["cold_start"]["results"]["ours"]
     assert "error" not in cold, cold
     assert cold["first_call_ms"] > 0 and cold["files_compiled"] == 0  # nothing compiled at run time

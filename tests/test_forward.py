@@ -147,11 +147,29 @@ def test_wide_grids(device: str, dtype: torch.dtype, head_dim: int, layout: str,
 
 @requires_cuda
 def test_more_head_blocks_than_the_2d_grid_takes() -> None:
-    # A (B, H, S, D) launch walks tokens fastest on a grid (tokens, head blocks), and CUDA caps a
-    # grid's y extent at 65535. With more head blocks than that, even at the largest
-    # heads-per-program value (64), the launcher must fall back to the 1-D order, not fail.
+    # A (B, H, S, D) launch walks the sequence fastest on a grid (seq_len, head blocks, batch), and
+    # CUDA caps a grid's y extent at 65535. With more head blocks than that, even at the largest
+    # heads-per-program value (64), the launcher must fall back to the flat grid, not fail.
     case = RopeCase(dtype=torch.bfloat16, batch=1, seq=2, heads_q=65535 * 64 + 5, heads_k=3, head_dim=2,
                     layout="bhsd", positions="bs:int32", table_dtype="same")
+    check_forward(case, "cuda")
+
+
+# Grids whose sequence or batch exceeds the 65535 that CUDA's y and z extents hold: the launcher
+# takes the flat grid (the kernel divides its program index), in both program orders.
+BEYOND_GRID_YZ = [  # (layout, batch, seq, positions)
+    ("bshd", 1, 65536 + 7, "none"),  # heads fastest: the sequence would be the y extent
+    ("bshd", 65536 + 3, 1, "bs:int32"),  # decoding a huge batch: the batch would be the z extent
+    ("bhsd", 65536 + 3, 2, "s:int64"),  # sequence fastest: the batch would be the z extent
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize(("layout", "batch", "seq", "positions"), BEYOND_GRID_YZ,
+                         ids=[f"{c[0]}-b{c[1]}-s{c[2]}" for c in BEYOND_GRID_YZ])
+def test_sequences_and_batches_beyond_the_grid_yz_limit(layout: str, batch: int, seq: int, positions: str) -> None:
+    case = RopeCase(dtype=torch.bfloat16, batch=batch, seq=seq, heads_q=3, heads_k=1, head_dim=32,
+                    layout=layout, positions=positions, table_dtype="same")
     check_forward(case, "cuda")
 
 

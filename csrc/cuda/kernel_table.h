@@ -38,6 +38,15 @@ constexpr long long kNarrowBelowHeadVectors = 16384;
 // asserts it).
 constexpr int kMaxBlockH = 64;
 
+// What the kernel's grid_order parameter says about the grid: which grid index is which
+// coordinate (rope_kernel.py's GRID_* values; aot_specs.GRID_ORDERS lists them in this order,
+// and the generated table asserts it).
+enum class GridOrder : int {
+  kFlat = 0,             // (tokens x head blocks, 1, 1), heads fastest: the kernel divides
+  kHeadsFastest = 1,     // (head blocks, seq_len, batch)
+  kSequenceFastest = 2,  // (seq_len, head blocks, batch)
+};
+
 struct KernelImage {
   const unsigned char* cubin;  // nullptr: this variant was not built
   std::size_t cubin_size;

@@ -15,13 +15,13 @@ namespace {
 
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 constexpr int64_t kMaxHalfDim = kBlockD2Values[kNumBlockD2 - 1];
-constexpr int64_t kMaxGridY = 65535;  // CUDA's limit on gridDim.y
+constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on gridDim.y and gridDim.z
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// rope_qk_kernel's launch parameters (contract order): 7 pointers, 6 int32, 18 strides (int32 in
+// rope_qk_kernel's launch parameters (contract order): 7 pointers, 7 int32, 18 strides (int32 in
 // the aligned variants, int64 in the general ones).
-constexpr int kNumKernelParams = 31;
+constexpr int kNumKernelParams = 32;
 // Triton 3.6..3.9 append two scratch pointers (global, profile); room for a couple more.
 constexpr int kMaxTrailingNullParams = 4;
 
@@ -59,12 +59,43 @@ static_assert(kKStrideB == kQStrideB + 3 && kQOutStrideB == kQStrideB + 6 && kKO
 // (the aligned variants), narrowed copies. Their addresses make the launch's argument array.
 struct KernelArgs {
   CUdeviceptr q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, pos_ptr;
-  int32_t seq_len, n_heads_q, n_heads_k, half_dim, table_rows, sin_sign;
+  int32_t seq_len, n_heads_q, n_heads_k, half_dim, table_rows, sin_sign, grid_order;
   int64_t strides[kNumStrideParams];
   int32_t strides32[kNumStrideParams];
 };
-static_assert(7 + 6 + kNumStrideParams == kNumKernelParams,
-              "KernelArgs must hold exactly the kernel's 31 parameters (update the argument array with it)");
+static_assert(7 + 7 + kNumStrideParams == kNumKernelParams,
+              "KernelArgs must hold exactly the kernel's 32 parameters (update the argument array with it)");
+
+// A launch's grid and what the kernel must be told about it.
+struct Grid {
+  int64_t x, y, z;
+  GridOrder order;
+};
+
+// The programs walk (batch, sequence, head block) in memory order: heads fastest where a token's
+// heads lie closer together than neighbouring tokens, as in (B, S, H, D), else sequence fastest,
+// as in (B, H, S, D). Each coordinate gets its own grid dimension, so that a program finds its
+// token and head block without dividing (integer division is tens of dependent instructions
+// before the first address, much of a decoding kernel's run time). Sequences or batches beyond
+// the 65535 that y and z hold (long context, huge head counts) take one flat dimension instead.
+Grid choose_grid(const char* op, const RopeInputs& in, int64_t head_blocks, int block_h) {
+  const int64_t batch = in.q.size(0);
+  const int64_t seq_len = in.q.size(2);
+  const bool heads_fastest = seq_len == 1 || in.q.stride(1) <= in.q.stride(2);
+  if (batch <= kMaxGridYZ) {
+    if (heads_fastest && seq_len <= kMaxGridYZ) {
+      return {head_blocks, seq_len, batch, GridOrder::kHeadsFastest};
+    }
+    if (!heads_fastest && head_blocks <= kMaxGridYZ) {
+      return {seq_len, head_blocks, batch, GridOrder::kSequenceFastest};
+    }
+  }
+  int64_t programs = 0;  // tokens <= 2^31 - 1: check_supported_on_cuda
+  TORCH_CHECK(!__builtin_mul_overflow(batch * seq_len, head_blocks, &programs) && programs <= kInt32Max, op, ": ",
+              batch * seq_len, " tokens of ", in.q.size(1), " + ", in.k.size(1),
+              " heads exceed the CUDA grid limit of 2^31 - 1 programs of ", block_h, " heads");
+  return {programs, 1, 1, GridOrder::kFlat};
+}
 
 const char* dtype_name(QkDtype dtype) {
   switch (dtype) {
@@ -301,7 +332,6 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
   if (batch == 0 || seq_len == 0 || (in.q.size(1) == 0 && in.k.size(1) == 0)) {
     return;  // nothing to rotate; an empty grid is not a valid launch
   }
-  const int64_t tokens = batch * seq_len;  // at most 2^31 - 1: check_supported_on_cuda
   check_unit_last_stride(op, "q", in.q);
   check_unit_last_stride(op, "k", in.k);
   check_unit_last_stride(op, "q_out", q_out);
@@ -310,11 +340,12 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
   check_unit_last_stride(op, "sin", in.sin);
 
   KernelArgs args = make_args(op, in, q_out, k_out, sin_sign);
+  const bool strides_fit_32_bits = strides_fit_int32(args);
   const Variant variant{qk_dtype_of(op, in.q.scalar_type()),
                         table_dtype_of(op, in.cos.scalar_type(), in.q.scalar_type()),
                         block_d2_index_of(args.half_dim), positions_kind_of(in.positions),
-                        alignment_hints_hold(args) && strides_fit_int32(args),
-                        tokens * (in.q.size(1) + in.k.size(1)) < kNarrowBelowHeadVectors};
+                        alignment_hints_hold(args) && strides_fit_32_bits,
+                        batch * seq_len * (in.q.size(1) + in.k.size(1)) < kNarrowBelowHeadVectors};
 
   const int device = in.q.device().index();
   const int capability = device_capability(op, device);
@@ -329,25 +360,12 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
               " trailing scratch pointers; this launcher passes at most ", kMaxTrailingNullParams);
 
   // A program rotates one block of block_h heads of one token, counted along q's heads followed
-  // by k's (a block may hold both); see rope_kernel.py. The programs walk (token, head block) in
-  // memory order: heads fastest (a one-dimensional grid) where a token's heads lie closer
-  // together than neighbouring tokens, as in (B, S, H, D); else tokens fastest, grid (tokens,
-  // head blocks), as for (B, H, S, D).
+  // by k's (a block may hold both); see rope_kernel.py.
   TORCH_CHECK(image.block_h > 0 && image.block_h <= kMaxBlockH, op, ": internal error: the sm_", arch->arch,
               " kernel ", image.function_name, " has heads-per-program value ", image.block_h);
   const int64_t heads = in.q.size(1) + in.k.size(1);  // 32-bit head index: check_supported_on_cuda
-  const int64_t head_blocks = ceil_div(heads, image.block_h);
-  // The 2-D grid's y extent is limited to 65535; beyond that many head blocks (a million heads
-  // and more) the 1-D order is used whatever the layout: slower to walk, equally correct.
-  const bool heads_fastest = seq_len == 1 || in.q.stride(1) <= in.q.stride(2) || head_blocks > kMaxGridY;
-  int64_t grid_x = tokens;
-  int64_t grid_y = head_blocks;
-  if (heads_fastest || head_blocks == 1) {
-    TORCH_CHECK(!__builtin_mul_overflow(tokens, head_blocks, &grid_x) && grid_x <= kInt32Max, op, ": ", tokens,
-                " tokens of ", in.q.size(1), " + ", in.k.size(1), " heads exceed the CUDA grid limit of 2^31 - 1 "
-                "programs of ", image.block_h, " heads");
-    grid_y = 1;
-  }
+  const Grid grid = choose_grid(op, in, ceil_div(heads, image.block_h), image.block_h);
+  args.grid_order = static_cast<int32_t>(grid.order);
 
   make_primary_context_current(op, device);
   const LoadedKernel& kernel = loaded_kernel(op, device, variant.index(), arch->arch, image);
@@ -356,7 +374,7 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
   TORCH_CHECK(image.stride_bits == 32 || image.stride_bits == 64, op, ": internal error: the sm_", arch->arch,
               " kernel ", image.function_name, " declares ", image.stride_bits, "-bit strides");
   const bool narrow_strides = image.stride_bits == 32;
-  TORCH_CHECK(!narrow_strides || strides_fit_int32(args), op, ": internal error: the sm_", arch->arch, " kernel ",
+  TORCH_CHECK(!narrow_strides || strides_fit_32_bits, op, ": internal error: the sm_", arch->arch, " kernel ",
               image.function_name, " takes 32-bit strides, and these do not fit");
 
   // Triton's trailing scratch pointers: this kernel needs no scratch memory, so null.
@@ -365,10 +383,10 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
       &args.q_ptr,      &args.k_ptr,     &args.q_out_ptr,  &args.k_out_ptr,  // 0-3
       &args.cos_ptr,    &args.sin_ptr,   &args.pos_ptr,                      // 4-6
       &args.seq_len,    &args.n_heads_q, &args.n_heads_k,  &args.half_dim,   // 7-10
-      &args.table_rows, &args.sin_sign,                                      // 11-12
+      &args.table_rows, &args.sin_sign,  &args.grid_order,                   // 11-13
   };
-  constexpr int kFirstStrideParam = 13;
-  for (int i = 0; i < kNumStrideParams; ++i) {  // 13-30
+  constexpr int kFirstStrideParam = 14;
+  for (int i = 0; i < kNumStrideParams; ++i) {  // 14-31
     args.strides32[i] = static_cast<int32_t>(args.strides[i]);
     params[kFirstStrideParam + i] =
         narrow_strides ? static_cast<void*>(&args.strides32[i]) : static_cast<void*>(&args.strides[i]);
@@ -380,7 +398,8 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
   const DriverApi& api = driver_api(op);
   const CUstream stream = current_stream(in.q.device());
   check_driver(api,
-               api.launch_kernel(kernel.function, static_cast<unsigned int>(grid_x), static_cast<unsigned int>(grid_y), 1,
+               api.launch_kernel(kernel.function, static_cast<unsigned int>(grid.x), static_cast<unsigned int>(grid.y),
+                                 static_cast<unsigned int>(grid.z),
                                  kernel.block_threads, 1, 1,
                                  kernel.shared_bytes, stream, params, nullptr),
                op, "cuLaunchKernel");
