@@ -55,7 +55,7 @@ class Shape:
 
     @property
     def label(self) -> str:
-        return "h{}w{}{}".format(self.block_h, self.num_warps, "" if self.heads_fastest else "-tf")
+        return "h{}w{}{}".format(self.block_h, self.num_warps, "" if self.heads_fastest else "-sf")
 
     @property
     def table_label(self) -> str:
@@ -233,9 +233,9 @@ def recommend(records: Dict[str, Dict[str, Any]]) -> Dict[int, Dict[str, Any]]:
     for block_d2, group in sorted(by_block.items()):
         # Each workload scored in the program order the launcher picks for its layout.
         def result(r: Dict[str, Any], label: str) -> Dict[str, Any]:
-            return r["results"].get(label if r["heads_fastest"] else label + "-tf", {})
+            return r["results"].get(label if r["heads_fastest"] else label + "-sf", {})
 
-        labels = set.intersection(*({k for k in r["results"] if not k.endswith("-tf")} for r in group)) - {"ours"}
+        labels = set.intersection(*({k for k in r["results"] if not k.endswith("-sf")} for r in group)) - {"ours"}
         scored = []
         for label in labels:
             ratios = [result(r, label).get("kernel_x") for r in group]

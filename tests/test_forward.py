@@ -124,7 +124,7 @@ def test_sequence_lengths(device: str, dtype: torch.dtype, batch: int, seq: int,
 # the "wide grid" kernels and smaller ones with the "narrow grid" kernels (kNarrowBelowHeadVectors
 # in csrc/cuda/kernel_table.h); the other tests here are small, so they check the narrow ones.
 WIDE_GRID_HEAD_VECTORS = 16384
-WIDE_CASES = [  # (layout, positions, table dtype): heads-fastest and tokens-fastest program orders
+WIDE_CASES = [  # (layout, positions, table dtype): heads-fastest and sequence-fastest program orders
     ("bshd", "none", "same"),
     ("bhsd", "bs:int32", "fp32"),
     ("qkv", "s:int64", "same"),
