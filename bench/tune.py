@@ -129,14 +129,16 @@ def launch_grid(batch: int, seq: int, n_blocks: int, heads_fastest: bool) -> Tup
 
 
 def launcher(kernel: Any, inputs: Inputs, q_out: torch.Tensor, k_out: torch.Tensor, block_d2: int,
-             shape: Shape) -> Callable[[], None]:
-    """A no-argument call of the JIT kernel on these tensors (forward rotation)."""
+             shape: Shape, narrow: bool) -> Callable[[], None]:
+    """A no-argument call of the JIT kernel on these tensors (forward rotation), specialized as the
+    library's launcher picks for them (the workloads' inputs are all aligned)."""
     q, k = inputs.q.detach(), inputs.k.detach()
     cos, sin, pos = inputs.table_cos, inputs.table_sin, inputs.positions
     batch, heads_q, seq, head_dim = q.shape
     heads_k = k.shape[1]
     n_blocks = -(-(heads_q + heads_k) // shape.block_h)  # q's heads then k's, one axis
     grid, grid_order = launch_grid(batch, seq, n_blocks, shape.heads_fastest)
+    even_d = not narrow and head_dim // 2 == block_d2  # as rope_launch.cpp chooses for aligned inputs
     pos_arg = pos if pos is not None else q  # never read without HAS_POS
     pos_strides = (pos.stride(0), pos.stride(1)) if pos is not None else (0, 0)
 
@@ -151,7 +153,8 @@ def launcher(kernel: Any, inputs: Inputs, q_out: torch.Tensor, k_out: torch.Tens
             cos.stride(0), sin.stride(0),
             0, 0,  # one table shared by every sequence
             pos_strides[0], pos_strides[1],
-            BLOCK_D2=block_d2, BLOCK_H=shape.block_h, HAS_POS=pos is not None, num_warps=shape.num_warps)
+            BLOCK_D2=block_d2, BLOCK_H=shape.block_h, HAS_POS=pos is not None, EVEN_D=even_d,
+            num_warps=shape.num_warps)
 
     return call
 
@@ -177,7 +180,7 @@ def tune_workload(workload: Workload, shapes: List[Shape], kernel: Any, block_d2
         q, k = inputs.q.detach(), inputs.k.detach()
         calls["ours"] = lambda: ours(q, k, inputs.table_cos, inputs.table_sin, inputs.positions)
     for shape in shapes:
-        call = launcher(kernel, inputs, q_out, k_out, block_d2, shape)
+        call = launcher(kernel, inputs, q_out, k_out, block_d2, shape, record["narrow"])
         q_out.fill_(float("nan"))
         k_out.fill_(float("nan"))
         call()

@@ -148,7 +148,8 @@ def _order_asserts() -> list[str]:
         out.append(f'static_assert(kBlockD2Values[{i}] == {value}, "BLOCK_D2 values mismatch");')
     for v in aot_specs.all_variants():
         args = ", ".join((_CPP_QK[v.qk], _CPP_TABLE[v.table], str(v.block), _CPP_POS[v.pos],
-                          "true" if v.aligned else "false", "true" if v.narrow else "false"))
+                          "true" if v.aligned else "false", "true" if v.even_d else "false",
+                          "true" if v.narrow else "false"))
         out.append(f'static_assert(variant_index({args}) == {v.index}, "variant order mismatch");')
     return out
 

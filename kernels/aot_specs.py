@@ -32,7 +32,7 @@ STRIDE_PARAMS = (
 GRID_ORDERS = ("flat", "heads_fastest", "sequence_fastest")
 RUNTIME_PARAMS = POINTER_PARAMS + I32_PARAMS + STRIDE_PARAMS
 NUM_RUNTIME_PARAMS = len(RUNTIME_PARAMS)  # 32, as the launcher passes them
-CONSTEXPR_PARAMS = ("BLOCK_D2", "BLOCK_H", "HAS_POS")
+CONSTEXPR_PARAMS = ("BLOCK_D2", "BLOCK_H", "HAS_POS", "EVEN_D")
 
 # What the launcher may promise in an aligned variant: every pointer but pos_ptr is 16-byte
 # aligned, and half_dim and every q/k/out/cos/sin stride is a multiple of 16 elements. These are
@@ -55,6 +55,13 @@ TABLE_DTYPES = ("same", "fp32")  # TableDtype: kSameAsQk, kFloat32
 BLOCK_D2_VALUES = (16, 32, 64, 128)  # kBlockD2Values
 POS_KINDS = ("none", "int32", "int64")  # PosKind
 ALIGNED = (False, True)
+# Whether half_dim equals BLOCK_D2, so that q and k need a mask along the heads only: a mask of
+# heads and features both costs 2 % of llama8b-train's kernel time on an H200 (bench/NOTES.md).
+# Used by aligned wide-grid launches only; see Variant.is_built.
+EVEN_D = (False, True)
+# An aligned launch promises half_dim a multiple of this; so where no other multiple lies between
+# BLOCK_D2 and the BLOCK_D2 below it (16 and 32), every aligned launch is an even one.
+ALIGNED_HALF_DIM_MULTIPLE = 16
 # Grid classes: "wide" launches (many programs: bandwidth-bound) and "narrow" ones (few programs:
 # decode and short prefill, latency-bound) get their own launch shape. The launcher's rule for
 # which is which is kNarrowBelowHeadVectors in kernel_table.h.
@@ -64,7 +71,7 @@ GRID_CLASSES = ("wide", "narrow")
 NARROW_BELOW_HEAD_VECTORS = 16384
 
 NUM_VARIANTS = (len(QK_DTYPES) * len(TABLE_DTYPES) * len(BLOCK_D2_VALUES) * len(POS_KINDS) * len(ALIGNED)
-                * len(GRID_CLASSES))
+                * len(EVEN_D) * len(GRID_CLASSES))
 
 # Architectures (10 * major + minor). The first group must compile; the second is built only
 # where the installed Triton (its LLVM and bundled ptxas) knows it.
@@ -140,6 +147,7 @@ class Variant:
     block: int
     pos: int
     aligned: bool
+    even_d: bool
     narrow: bool
 
     @property
@@ -150,12 +158,26 @@ class Variant:
         i = i * len(BLOCK_D2_VALUES) + self.block
         i = i * len(POS_KINDS) + self.pos
         i = i * len(ALIGNED) + int(self.aligned)
+        i = i * len(EVEN_D) + int(self.even_d)
         return i * len(GRID_CLASSES) + int(self.narrow)
 
     @property
     def is_built(self) -> bool:
         # fp32 q with an fp32 table is already "same as qk": the second slot would duplicate it.
-        return not (QK_DTYPES[self.qk] == "fp32" and TABLE_DTYPES[self.table] == "fp32")
+        if QK_DTYPES[self.qk] == "fp32" and TABLE_DTYPES[self.table] == "fp32":
+            return False
+        # The launcher asks for an even variant only for aligned wide-grid launches (on the
+        # latency-bound narrow grids the mask made no difference that repeated), and for those
+        # it always asks where alignment leaves half_dim no other value than BLOCK_D2.
+        if self.even_d:
+            return self.aligned and not self.narrow
+        return not (self.aligned and not self.narrow and self.alignment_makes_even)
+
+    @property
+    def alignment_makes_even(self) -> bool:
+        """Whether every half_dim an aligned launch may bring to this BLOCK_D2 equals it."""
+        below = BLOCK_D2_VALUES[self.block - 1] if self.block > 0 else 0
+        return self.block_d2 - ALIGNED_HALF_DIM_MULTIPLE <= below
 
     @property
     def block_d2(self) -> int:
@@ -172,6 +194,7 @@ class Variant:
             "block_d2": self.block_d2,
             "positions": POS_KINDS[self.pos],
             "aligned": self.aligned,
+            "even_d": self.even_d,
             "grid": GRID_CLASSES[int(self.narrow)],
         }
 
@@ -202,6 +225,7 @@ class Variant:
             "BLOCK_D2": self.block_d2,
             "BLOCK_H": self.launch(arch).block_h,
             "HAS_POS": POS_KINDS[self.pos] != "none",
+            "EVEN_D": self.even_d,
         }
 
     def divisible_by_16(self) -> tuple[str, ...]:
@@ -209,10 +233,10 @@ class Variant:
         return ALIGNED_HINTED_PARAMS if self.aligned else ()
 
     def label(self) -> str:
-        """Short name for messages and comments, e.g. bf16/fp32/d64/int32/aligned."""
+        """Short name for messages and comments, e.g. bf16/fp32/d64/int32/aligned/even/wide."""
         return "/".join((QK_DTYPES[self.qk], TABLE_DTYPES[self.table], f"d{self.block_d2}",
                          POS_KINDS[self.pos], "aligned" if self.aligned else "unaligned",
-                         GRID_CLASSES[int(self.narrow)]))
+                         "even" if self.even_d else "masked", GRID_CLASSES[int(self.narrow)]))
 
 
 def all_variants() -> Iterator[Variant]:
@@ -222,8 +246,9 @@ def all_variants() -> Iterator[Variant]:
             for block in range(len(BLOCK_D2_VALUES)):
                 for pos in range(len(POS_KINDS)):
                     for aligned in ALIGNED:
-                        for narrow in (False, True):
-                            yield Variant(qk, table, block, pos, aligned, narrow)
+                        for even_d in EVEN_D:
+                            for narrow in (False, True):
+                                yield Variant(qk, table, block, pos, aligned, even_d, narrow)
 
 
 def built_variants() -> list[Variant]:

@@ -9,8 +9,11 @@ import rope_kernels
 REQUIRED_ARCHITECTURES = {80, 86, 89, 90}
 
 # (q dtype, table dtype) pairs: fp16 or bf16 q with a table of q's dtype or fp32, and fp32 with fp32 (5),
-# x head-dim block (4) x positions none/int32/int64 (3) x aligned or not (2) x wide or narrow grid (2).
-VARIANTS_PER_ARCHITECTURE = 5 * 4 * 3 * 2 * 2
+# x positions none/int32/int64 (3) x the kernels per head-dim block (4 blocks: 18 in all): unaligned,
+# wide or narrow grid (2 each); aligned narrow (1 each); aligned wide, masked along heads only where
+# half_dim == BLOCK_D2 ("even"), which alignment forces for BLOCK_D2 16 and 32 (1 each), and for
+# 64 and 128 both even and masked along the features too (2 each).
+VARIANTS_PER_ARCHITECTURE = 5 * 3 * (4 * 2 + 4 * 1 + (1 + 1 + 2 + 2))
 
 
 def test_documented_keys_and_types() -> None:

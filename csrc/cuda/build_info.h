@@ -8,11 +8,11 @@ namespace rope_kernels::cuda {
 
 // A JSON object:
 //   {"architectures": [80, 86, 89, 90],          built archs, 10 * major + minor
-//    "variants_per_architecture": 240,           kernels built for each arch (the smallest count
+//    "variants_per_architecture": 270,           kernels built for each arch (the smallest count
 //                                                if archs differ, see variants_by_architecture)
-//    "variants_by_architecture": {"80": 240, ...},
-//    "variant_slots": 288,                       size of the variant table per arch
-//    "kernels": 960,                             cubins built in total
+//    "variants_by_architecture": {"80": 270, ...},
+//    "variant_slots": 576,                       size of the variant table per arch
+//    "kernels": 1080,                            cubins built in total
 //    "triton": "3.8.0"}                          Triton version that compiled them
 std::string cuda_build_info_json();
 

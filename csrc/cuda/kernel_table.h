@@ -12,18 +12,19 @@ enum class QkDtype : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
 enum class TableDtype : int { kSameAsQk = 0, kFloat32 = 1 };
 enum class PosKind : int { kNone = 0, kInt32 = 1, kInt64 = 2 };
 constexpr int kNumBlockD2 = 4; constexpr int kBlockD2Values[kNumBlockD2] = {16, 32, 64, 128};
-constexpr int kNumVariants = 288;
+constexpr int kNumVariants = 576;
 
 // Mixed-radix position of one specialization: qk dtype (3) x table dtype (2) x BLOCK_D2 (4)
-// x positions kind (3) x aligned (2) x grid class (2: wide, narrow). Plain arithmetic, so choosing
-// a kernel costs no lookup.
+// x positions kind (3) x aligned (2) x even (2: half_dim == BLOCK_D2, so the kernel masks heads
+// only) x grid class (2: wide, narrow). Plain arithmetic, so choosing a kernel costs no lookup.
+// Not every slot is built: aot_specs.Variant.is_built says which.
 constexpr int variant_index(QkDtype qk, TableDtype table, int block_d2_index, PosKind pos, bool aligned,
-                            bool narrow) {
-  return (((((static_cast<int>(qk) * 2 + static_cast<int>(table)) * kNumBlockD2 + block_d2_index) * 3 +
-            static_cast<int>(pos)) * 2 + (aligned ? 1 : 0)) * 2) + (narrow ? 1 : 0);
+                            bool even_d, bool narrow) {
+  return ((((((static_cast<int>(qk) * 2 + static_cast<int>(table)) * kNumBlockD2 + block_d2_index) * 3 +
+             static_cast<int>(pos)) * 2 + (aligned ? 1 : 0)) * 2 + (even_d ? 1 : 0)) * 2) + (narrow ? 1 : 0);
 }
-static_assert(variant_index(QkDtype::kFloat32, TableDtype::kFloat32, kNumBlockD2 - 1, PosKind::kInt64, true, true) ==
-                  kNumVariants - 1,
+static_assert(variant_index(QkDtype::kFloat32, TableDtype::kFloat32, kNumBlockD2 - 1, PosKind::kInt64, true, true,
+                            true) == kNumVariants - 1,
               "kNumVariants must count every combination of variant_index");
 
 // A launch rotating fewer head vectors (tokens x (q heads + k heads)) than this is latency-bound

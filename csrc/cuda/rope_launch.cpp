@@ -32,9 +32,10 @@ struct Variant {
   int block_d2_index;
   PosKind pos;
   bool aligned;
+  bool even_d;  // half_dim == BLOCK_D2: masks along the heads only
   bool narrow;
 
-  int index() const { return variant_index(qk, table, block_d2_index, pos, aligned, narrow); }
+  int index() const { return variant_index(qk, table, block_d2_index, pos, aligned, even_d, narrow); }
 };
 
 // The kernel's strides in launch order (aot_specs.STRIDE_PARAMS): all but the positions' are
@@ -272,7 +273,8 @@ std::string describe_variant(const Variant& v) {
   std::string out = std::string("q/k ") + dtype_name(v.qk) + ", cos/sin " +
                     (v.table == TableDtype::kFloat32 ? "float32" : dtype_name(v.qk)) + ", BLOCK_D2 " +
                     std::to_string(kBlockD2Values[v.block_d2_index]) + ", positions " + positions_name(v.pos) +
-                    (v.aligned ? ", aligned" : ", unaligned") + (v.narrow ? ", narrow grid" : ", wide grid") +
+                    (v.aligned ? ", aligned" : ", unaligned") + (v.even_d ? ", even" : "") +
+                    (v.narrow ? ", narrow grid" : ", wide grid") +
                     " (variant " + std::to_string(v.index()) + ")";
   return out;
 }
@@ -340,12 +342,16 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
   check_unit_last_stride(op, "sin", in.sin);
 
   KernelArgs args = make_args(op, in, q_out, k_out, sin_sign);
+  const int block_d2_index = block_d2_index_of(args.half_dim);
   const bool strides_fit_32_bits = strides_fit_int32(args);
+  const bool aligned = alignment_hints_hold(args) && strides_fit_32_bits;
+  const bool narrow = batch * seq_len * (in.q.size(1) + in.k.size(1)) < kNarrowBelowHeadVectors;
+  // The even variants serve aligned wide grids whose rows fill BLOCK_D2 (head_dim 32, 64, 128,
+  // 256): aot_specs.Variant.is_built builds exactly those.
+  const bool even_d = aligned && !narrow && args.half_dim == kBlockD2Values[block_d2_index];
   const Variant variant{qk_dtype_of(op, in.q.scalar_type()),
                         table_dtype_of(op, in.cos.scalar_type(), in.q.scalar_type()),
-                        block_d2_index_of(args.half_dim), positions_kind_of(in.positions),
-                        alignment_hints_hold(args) && strides_fit_32_bits,
-                        batch * seq_len * (in.q.size(1) + in.k.size(1)) < kNarrowBelowHeadVectors};
+                        block_d2_index, positions_kind_of(in.positions), aligned, even_d, narrow};
 
   const int device = in.q.device().index();
   const int capability = device_capability(op, device);
