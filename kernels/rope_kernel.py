@@ -128,7 +128,7 @@ def rope_qk_kernel(
     # evict_last: a table row is read again by the token's other head blocks and by the same
     # position in every other sequence, while q and k stream through the L2 once. Without the
     # hint the stream evicts the rows between those reads, and each is fetched from DRAM again:
-    # on an H200 hd256-gemma ran at 1.055x the copy floor with the default policy and 1.008x
+    # on an H200 hd256-gemma ran at 1.055x the copy floor with the default policy and 1.010x
     # with this one, llama8b-train 1.039x -> 1.019x (bench/NOTES.md).
     cos = tl.load(cos_row + d, mask=d_ok & row_ok, other=float("nan"), eviction_policy="evict_last").to(tl.float32)
     sin = tl.load(sin_row + d, mask=d_ok & row_ok, other=float("nan"), eviction_policy="evict_last").to(tl.float32)
