@@ -68,7 +68,9 @@ def summary_tables(results: Dict[str, Any]) -> List[Dict[str, Any]]:
     keys = _labels(results)
     names = [_header_label(results, key) for key in keys]
     tables = []
-    for time_kind, title in (("kernel", "Kernel time / copy floor, forward/backward (L2 flushed before each call)"),
+    flushed = "L2 flushed before each call" + (
+        "" if results["meta"].get("settings", {}).get("flush_by", "write") == "write" else ", by reading")
+    for time_kind, title in (("kernel", "Kernel time / copy floor, forward/backward ({})".format(flushed)),
                              ("wall", "Wall time / copy floor, forward/backward (host overhead included)")):
         rows = []
         for workload in results["workloads"]:

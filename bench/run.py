@@ -29,7 +29,7 @@ from .candidates import CANDIDATE_KEYS, Candidate, make_candidate, timed_load
 from .measure import measure_workload
 from .plot import plot_bandwidth
 from .report import markdown_report, text_report, write_json
-from .timing import FULL, QUICK, SMOKE, Settings, Timer, make_timer
+from .timing import FLUSHES, FULL, QUICK, SMOKE, Settings, Timer, make_timer
 from .workloads import WORKLOADS, Workload, workload_by_name
 
 
@@ -56,6 +56,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help="seconds after which remaining workloads and the cold start are skipped "
                              "(default 0: no limit)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    parser.add_argument("--flush", choices=sorted(FLUSHES), default="write",
+                        help="how the L2 is emptied before each timed call: write (a zero_() of 256 MB, "
+                             "the default and the definition the results use) or read (a max over it, "
+                             "which leaves no dirty lines for the call to write back; bench/NOTES.md)")
     args = parser.parse_args(argv)
 
     args.workload_list = _pick(parser, args.workloads, [w.name for w in WORKLOADS], "--workloads")
@@ -169,7 +173,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> Dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # set_device() wants an index
-    settings = SMOKE if args.smoke else QUICK if args.quick else FULL
+    settings = dataclasses.replace(SMOKE if args.smoke else QUICK if args.quick else FULL, flush_by=args.flush)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)

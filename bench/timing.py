@@ -2,7 +2,8 @@
 
 - kernel time: the device time of every kernel, copy and fill one call runs, summed from
   torch.profiler over `kernel_calls` calls with the L2 cache flushed (a 256 MB zero_()) before
-  each call, the flush's own kernel left out. All figures of a workload share one profile:
+  each call, the flush's own kernel left out. (`flush_by="read"` flushes by reading the buffer
+  instead; see FLUSHES.) All figures of a workload share one profile:
   a one-element int16 fill, a kernel no candidate runs, marks where each figure's calls
   begin and end on the device timeline.
 - wall time: triton.testing.do_bench(fn, return_mode="median")'s procedure, written out so that
@@ -45,6 +46,19 @@ class Settings:
     graph_calls: int
     graph_replays: int
     flush_bytes: int
+    flush_by: str = "write"  # a key of FLUSHES
+
+
+# How the L2 is emptied before a timed call. "write" is the project's definition (a zero_() of
+# the buffer). It leaves the L2 full of dirty lines, which the timed call then evicts and the
+# memory system writes back while the call runs: every new line the call brings in costs a
+# write-back. A call that writes in place brings in half the lines of one that writes new outputs
+# (its stores hit the lines its loads brought), so it pays half of that. "read" (a max over the
+# buffer) leaves clean lines, evicted for free: a figure of the call alone (bench/NOTES.md, 22:56).
+FLUSHES: Dict[str, Callable[[torch.Tensor], Any]] = {
+    "write": lambda buffer: buffer.zero_(),
+    "read": lambda buffer: buffer.view(torch.int32).amax(),
+}
 
 
 # do_bench's defaults for the wall time (25 ms warm-up, 100 ms of repeats).
@@ -150,7 +164,7 @@ class CudaTimer:
         torch.cuda.synchronize(self.device)
 
     def flush(self) -> None:
-        self._flush_buffer.zero_()
+        FLUSHES[self.settings.flush_by](self._flush_buffer)
 
     def _marker(self) -> None:
         self._marker_buffer.fill_(MARKER_VALUE)
@@ -313,7 +327,7 @@ class CpuTimer:
         pass
 
     def flush(self) -> None:
-        self._flush_buffer.zero_()
+        FLUSHES[self.settings.flush_by](self._flush_buffer)
 
     def kernel_times(self, figures: List[Figure]) -> Dict[str, Measured]:
         return {}

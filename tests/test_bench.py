@@ -27,8 +27,10 @@ if not (REPO_ROOT / "bench" / "__init__.py").exists():
 from bench.candidates import Candidate, Eager, Outputs, hf_apply_rotary_pos_emb  # noqa: E402
 from bench.measure import measure_workload  # noqa: E402
 from bench.reference import check_rotation  # noqa: E402
-from bench.timing import (SMOKE, CpuTimer, CudaTimer, Figure, MeasurementError, kernel_us_per_call,  # noqa: E402
-                          split_at_markers, without_spans)
+from bench.report import summary_tables  # noqa: E402
+from bench.run import parse_args  # noqa: E402
+from bench.timing import (FLUSHES, SMOKE, CpuTimer, CudaTimer, Figure, MeasurementError,  # noqa: E402
+                          kernel_us_per_call, split_at_markers, without_spans)
 from bench.workloads import Inputs, make_inputs, workload_by_name  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -129,6 +131,7 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     assert "Wall time / copy floor" in proc.stdout
 
     results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["settings"]["flush_by"] == "write"
     assert [w["name"] for w in results["workloads"]] == ["seed-example", "decode-b64"]
     for workload in results["workloads"]:
         for key in ("ours", "ours-rows", "eager"):
@@ -147,6 +150,31 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     assert "error" not in cold, cold
     assert cold["first_call_ms"] > 0 and cold["files_compiled"] == 0  # nothing compiled at run time
     assert "| workload |" in (out / "results.md").read_text()
+
+
+def test_flush_by_write_or_by_read() -> None:
+    """--flush picks how the L2 is emptied: "write" (the default, the notes' zero_()) overwrites
+    the buffer; "read" only reads it, so it leaves no dirty lines. The choice is recorded in the
+    results and named in the kernel-time table's title."""
+    assert parse_args(["--device", "cpu", "--smoke"]).flush == "write"
+    assert parse_args(["--device", "cpu", "--smoke", "--flush", "read"]).flush == "read"
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "cpu", "--smoke", "--flush", "sideways"])
+    assert sorted(FLUSHES) == ["read", "write"]
+
+    for flush_by, expect_zeroed in (("write", True), ("read", False)):
+        timer = CpuTimer(CPU, dataclasses.replace(SMOKE, flush_by=flush_by))
+        timer._flush_buffer.fill_(5)
+        timer.flush()
+        assert bool((timer._flush_buffer == 0).all()) == expect_zeroed
+        assert expect_zeroed or bool((timer._flush_buffer == 5).all())
+
+    def kernel_title(flush_by: str) -> str:
+        results = {"meta": {"implementations": {}, "settings": {"flush_by": flush_by}}, "workloads": []}
+        return str(summary_tables(results)[0]["title"])
+
+    assert kernel_title("write").endswith("(L2 flushed before each call)")
+    assert kernel_title("read").endswith("(L2 flushed before each call, by reading)")
 
 
 class ScriptedTimer(CudaTimer):
