@@ -125,13 +125,12 @@ def rope_qk_kernel(
     # but the repeated loads cost more: 1 to 5 % slower on an H200, bench/NOTES.md.)
     cos_row = cos_ptr + b * cos_stride_b + row * cos_stride_row
     sin_row = sin_ptr + b * sin_stride_b + row * sin_stride_row
-    # evict_last: a table row is read again by the token's other head blocks and by the same
-    # position in every other sequence, while q and k stream through the L2 once. Without the
-    # hint the stream evicts the rows between those reads, and each is fetched from DRAM again:
-    # on an H200 hd256-gemma ran at 1.055x the copy floor with the default policy and 1.010x
-    # with this one, llama8b-train 1.039x -> 1.019x (bench/NOTES.md).
-    cos = tl.load(cos_row + d, mask=d_ok & row_ok, other=float("nan"), eviction_policy="evict_last").to(tl.float32)
-    sin = tl.load(sin_row + d, mask=d_ok & row_ok, other=float("nan"), eviction_policy="evict_last").to(tl.float32)
+    # Default cache policy. Loading the rows with evict_last was up to 4 % faster on one H200 and
+    # up to 1 % slower on two others, and the rows it keeps stay ahead of other data in the L2 after
+    # the call: after long-128k (32 MB of rows) a copy of 36 MB that fits the L2 ran 24 % slower
+    # (bench/NOTES.md, 23:02). A RoPE call must not tax the kernels that follow it.
+    cos = tl.load(cos_row + d, mask=d_ok & row_ok, other=float("nan")).to(tl.float32)
+    sin = tl.load(sin_row + d, mask=d_ok & row_ok, other=float("nan")).to(tl.float32)
     sin = sin * sin_sign  # int32 times float32 is float32 (and a plain 1 where Triton specializes it)
 
     out_ty = q_out_ptr.dtype.element_ty
