@@ -23,6 +23,9 @@ from .workloads import Inputs, Workload, make_inputs
 # Host time of a call whose wall time is unknown: sizes the loop only.
 DEFAULT_ESTIMATE_US: float = 100.0
 
+# The record key (and profile figure) of the reference copy of q and k themselves.
+COPY_QK: str = "copy_qk"
+
 
 @dataclasses.dataclass
 class Prepared:
@@ -146,7 +149,13 @@ def measure_workload(workload: Workload, candidates: List[Tuple[Candidate, Optio
     # The floor: one plain copy of as many bytes as q and k hold (read once, written once).
     source = torch.randn(pristine.q.numel() + pristine.k.numel(), dtype=workload.dtype, device=device)
     target = torch.empty_like(source)
-    figures = [Figure("floor", lambda: target.copy_(source))]
+    # A reference beside it, not a candidate: torch copying q and k themselves, into tensors laid
+    # out as they are (two copies, the same bytes as the floor). It shows what the memory system
+    # gives on these very tensors (two of them, strided views) as against one flat buffer.
+    q_source, k_source = pristine.q.detach(), pristine.k.detach()
+    q_target, k_target = torch.empty_like(q_source), torch.empty_like(k_source)
+    figures = [Figure("floor", lambda: target.copy_(source)),
+               Figure(COPY_QK, lambda: (q_target.copy_(q_source), k_target.copy_(k_source)))]
 
     prepared: List[Prepared] = []
     for candidate, unavailable in candidates:
@@ -185,6 +194,8 @@ def measure_workload(workload: Workload, candidates: List[Tuple[Candidate, Optio
         wall[figure.key] = _safe(functools.partial(timer.wall_us, figure.fn))
     floor_kernel, floor_wall = _value(kernel.get("floor")), _value(wall["floor"])
     record["floor"] = figure_entry(kernel.get("floor"), wall["floor"], None, None, workload.bytes_moved)
+    record[COPY_QK] = figure_entry(kernel.get(COPY_QK), wall[COPY_QK], floor_kernel, floor_wall,
+                                   workload.bytes_moved)
     for done in prepared:
         entry = record["candidates"][done.candidate.key]
         for direction in done.candidate.directions:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .measure import DIRECTIONS
+from .measure import COPY_QK, DIRECTIONS
 
 PANELS = [("kernel", "kernel time (L2 flushed)"), ("wall", "wall time (host included)")]
 
@@ -44,6 +44,10 @@ def plot_bandwidth(results: Dict[str, Any], path: Path) -> Optional[str]:
                 if floor:  # the copy of the same bytes, measured the same way
                     ax.hlines(floor, i - 0.45, i + 0.45, colors="black", linewidths=1.5,
                               label="copy floor" if i == 0 else None)
+                copy_qk = (workload.get(COPY_QK) or {}).get(kind + "_gbps")
+                if copy_qk:  # torch copying q and k themselves
+                    ax.hlines(copy_qk, i - 0.45, i + 0.45, colors="gray", linewidths=1.2, linestyles="dashed",
+                              label="copy of q and k" if i == 0 else None)
             if not measured:
                 ax.text(0.5, 0.5, "not measured here", transform=ax.transAxes, ha="center", color="gray")
             ax.set_xticks(list(range(len(workloads))))

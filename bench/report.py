@@ -1,6 +1,7 @@
 """The results as tables (terminal and Markdown) and as JSON.
 
-Summary cells show "forward/backward" ratios to the copy floor; "n/a" marks a candidate that is
+Summary cells show "forward/backward" ratios to the copy floor, next to the ratio of a reference:
+torch copying q and k themselves ("q,k copy"). "n/a" marks a candidate that is
 not available here, "FAIL" one that failed the correctness check (never timed), "err" a figure
 that could not be taken (the JSON says why), "-" a figure that does not exist on this device or
 for this candidate (the in-place op has no backward of its own).
@@ -12,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .measure import DIRECTIONS
+from .measure import COPY_QK, DIRECTIONS
 
 STATUS_MARKS: Dict[str, str] = {"unavailable": "n/a", "failed check": "FAIL", "error": "err"}
 
@@ -77,9 +78,10 @@ def summary_tables(results: Dict[str, Any]) -> List[Dict[str, Any]]:
             if workload.get("skipped"):
                 continue
             floor = workload.get("floor", {}).get(time_kind + "_us")
-            rows.append([workload["name"], _number(floor)] +
+            copy_qk = (workload.get(COPY_QK) or {}).get(time_kind + "_x")
+            rows.append([workload["name"], _number(floor), _ratio(copy_qk)] +
                         [_pair_cell(workload["candidates"].get(key, {}), time_kind + "_x") for key in keys])
-        tables.append({"title": title, "header": ["workload", "floor µs"] + names, "rows": rows})
+        tables.append({"title": title, "header": ["workload", "floor µs", "q,k copy"] + names, "rows": rows})
 
     rows = []
     for workload in results["workloads"]:
@@ -128,6 +130,12 @@ def detail_table(results: Dict[str, Any]) -> Dict[str, Any]:
                      "-" if floor.get("kernel_us") is None else "1.00", _number(floor.get("kernel_gbps"), 0),
                      _number(floor.get("wall_us")), "-" if floor.get("wall_us") is None else "1.00",
                      _number(floor.get("wall_gbps"), 0)])
+        copy_qk = workload.get(COPY_QK)
+        if copy_qk:
+            rows.append([workload["name"], "copy of q and k", "", _number(copy_qk.get("kernel_us")),
+                         _ratio(copy_qk.get("kernel_x")), _number(copy_qk.get("kernel_gbps"), 0),
+                         _number(copy_qk.get("wall_us")), _ratio(copy_qk.get("wall_x")),
+                         _number(copy_qk.get("wall_gbps"), 0)])
         for key, entry in workload["candidates"].items():
             if entry.get("status") != "ok":
                 rows.append([workload["name"], entry.get("label", key), STATUS_MARKS.get(entry.get("status"), "-"),

@@ -118,6 +118,9 @@ def test_wrong_candidate_is_reported_and_not_timed() -> None:
     assert not wrong["check"]["forward"]["passed"]
     assert eager["status"] == "ok" and eager["forward"]["wall_us"] > 0 and eager["backward"]["wall_us"] > 0
     assert eager["host_us"] > 0 and record["floor"]["wall_us"] > 0
+    # The reference copy of q and k is timed beside the floor and read against it.
+    copy_qk = record["copy_qk"]
+    assert copy_qk["wall_us"] > 0 and copy_qk["wall_x"] == pytest.approx(copy_qk["wall_us"] / record["floor"]["wall_us"])
 
 
 def test_smoke_run_end_to_end(tmp_path: Path) -> None:
@@ -261,3 +264,24 @@ def test_graph_table_shows_the_copy_next_to_the_candidates() -> None:
     assert graph[0]["rows"][0] == ["decode-b1", "1.11", "1.48", "1.43"]
     assert graph[0]["rows"][1][:3] == ["decode-b64", "err", "2.01"]
     assert len(graph[0]["rows"]) == 2  # decode rows only
+
+
+def test_time_tables_show_the_copy_of_q_and_k_after_the_floor() -> None:
+    # Torch copying q and k themselves is the like-for-like reference for what a candidate moves;
+    # its ratio sits between the floor and the candidates, in both time tables and the details.
+    from bench.report import detail_table, summary_tables
+    ok = {"status": "ok", "forward": {"kernel_x": 1.031, "wall_x": 1.05}, "backward": {"kernel_x": 1.035, "wall_x": 2.0}}
+    results = {
+        "meta": {"device": "cuda:0", "settings": {"flush_by": "write"},
+                 "implementations": {"ours": {"label": "rope_kernels"}}},
+        "workloads": [{"name": "llama8b-train", "decode": False,
+                       "floor": {"kernel_us": 80.0, "wall_us": 85.0},
+                       "copy_qk": {"kernel_us": 82.6, "kernel_x": 1.0325, "wall_us": 90.1, "wall_x": 1.06},
+                       "candidates": {"ours": ok}}],
+    }
+    kernel, wall = summary_tables(results)[:2]
+    assert kernel["header"][:4] == ["workload", "floor µs", "q,k copy", "rope_kernels"]
+    assert kernel["rows"][0] == ["llama8b-train", "80.0", "1.03", "1.03/1.03"]
+    assert wall["rows"][0][:4] == ["llama8b-train", "85.0", "1.06", "1.05/2.00"]
+    copy_rows = [row for row in detail_table(results)["rows"] if row[1] == "copy of q and k"]
+    assert copy_rows == [["llama8b-train", "copy of q and k", "", "82.6", "1.03", "-", "90.1", "1.06", "-"]]
