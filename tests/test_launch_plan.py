@@ -16,7 +16,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import pytest
 import torch
@@ -32,7 +32,7 @@ if not (REPO_ROOT / "bench" / "__init__.py").exists():
     pytest.skip("bench/ is a repository tool: not beside this copy of the tests", allow_module_level=True)
 
 import rope_kernels  # noqa: E402,F401  (loads the op library)
-from bench.tune import SPECS_PATH, _load_module, launch_grid, launcher_heads_fastest  # noqa: E402
+from bench.tune import SPECS_PATH, _load_module, block_d2_of, launch_grid, launcher_heads_fastest  # noqa: E402
 
 specs = _load_module(SPECS_PATH, "rope_aot_specs_for_launch_plan")
 KERNEL_NAME = specs.KERNEL_NAME
@@ -75,8 +75,7 @@ class Case:
 
     def expected(self, q: torch.Tensor, arch: int) -> Tuple[Tuple[int, int, int], Tuple[int, int, int]]:
         """Grid and block for q by the launch table and the tuner's copy of the launcher's rule."""
-        half_dim = self.head_dim // 2
-        block_d2 = next(value for value in specs.BLOCK_D2_VALUES if value >= half_dim)
+        block_d2 = block_d2_of(self.head_dim, specs.BLOCK_D2_VALUES)
         narrow = self.batch * self.seq * (self.heads_q + self.heads_k) < specs.NARROW_BELOW_HEAD_VECTORS
         shape = specs.launch_shape(arch, QK_NAMES[self.dtype], block_d2, narrow)
         n_blocks = -(-(self.heads_q + self.heads_k) // shape.block_h)
@@ -98,7 +97,7 @@ CASES = [
 ]
 
 
-def profiled_launches(fn, trace_dir: Path) -> List[Launch]:  # type: ignore[no-untyped-def]
+def profiled_launches(fn: Callable[[], object], trace_dir: Path) -> List[Launch]:
     """(name, grid, block) of every kernel the device ran during fn, from the profiler's trace."""
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
