@@ -73,29 +73,22 @@ def test_runs_on_the_current_stream() -> None:
 # The first call of a process from a thread that is not the one that set CUDA up: no CUDA
 # context is current in that thread until the library (or torch) makes one current.
 FIRST_CALL_IN_NEW_THREAD = """
-import threading
 import torch
 import rope_kernels
 from rope_reference import RopeCase, assert_close_to_reference, make_args, reference_fused_qk
+from thread_runner import run_in_threads
 
 case = RopeCase(dtype=torch.float16, layout="qkv", positions="s:int32")
 args = make_args(case, "cuda") if MAKE_INPUTS_IN_MAIN_THREAD else None
 result = {}
 
 def first_call():
-    try:
-        call_args = args if args is not None else make_args(case, "cuda")
-        result["args"] = call_args
-        result["outputs"] = torch.ops.rope.fused_qk(*call_args)
-        torch.cuda.synchronize()
-    except BaseException as error:
-        result["error"] = error
+    call_args = args if args is not None else make_args(case, "cuda")
+    result["args"] = call_args
+    result["outputs"] = torch.ops.rope.fused_qk(*call_args)
+    torch.cuda.synchronize()
 
-thread = threading.Thread(target=first_call)
-thread.start()
-thread.join()
-if "error" in result:
-    raise result["error"]
+run_in_threads(first_call, [()])
 for out, ref in zip(result["outputs"], reference_fused_qk(result["args"])):
     assert_close_to_reference(out, ref, case.dtype)
 print("first call in a new thread: ok")
@@ -140,6 +133,7 @@ import threading
 import torch
 import rope_kernels
 from rope_reference import RopeCase, assert_close_to_reference, make_args, reference_fused_qk
+from thread_runner import run_in_threads
 
 cases = [RopeCase(dtype=torch.bfloat16, layout="bshd", positions="bs:int64", head_dim=128),
          RopeCase(dtype=torch.float16, layout="qkv", head_dim=64, heads_q=16, heads_k=4)]
@@ -147,29 +141,19 @@ work = [(case, make_args(case, "cuda")) for case in cases]
 expected = [reference_fused_qk(args) for _, args in work]
 torch.cuda.synchronize()
 start = threading.Barrier(len(work))
-errors = []
 
 def calls(index):
-    try:
-        case, args = work[index]
-        stream = torch.cuda.Stream()
-        with torch.cuda.stream(stream):
-            start.wait()
-            for _ in range(50):
-                outputs = torch.ops.rope.fused_qk(*args)
-                stream.synchronize()
-                for out, ref in zip(outputs, expected[index]):
-                    assert_close_to_reference(out, ref, case.dtype)
-    except BaseException as error:
-        errors.append(error)
+    case, args = work[index]
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        start.wait()
+        for _ in range(50):
+            outputs = torch.ops.rope.fused_qk(*args)
+            stream.synchronize()
+            for out, ref in zip(outputs, expected[index]):
+                assert_close_to_reference(out, ref, case.dtype)
 
-threads = [threading.Thread(target=calls, args=(i,)) for i in range(len(work))]
-for thread in threads:
-    thread.start()
-for thread in threads:
-    thread.join()
-if errors:
-    raise errors[0]
+run_in_threads(calls, [(i,) for i in range(len(work))])
 print("concurrent threads: ok")
 """
 

@@ -55,6 +55,7 @@ import threading
 import torch
 import rope_kernels
 from rope_reference import RopeCase, assert_close_to_reference, make_args, poison_allocator, reference_fused_qk
+from thread_runner import run_in_threads
 
 cases = [RopeCase(batch=2, heads_q=8, heads_k=2, seq=33, head_dim=128, dtype=torch.bfloat16, layout="bshd",
                   positions="bs:int64"),
@@ -75,37 +76,27 @@ for index, case in enumerate(cases):
 for device in devices:
     torch.cuda.synchronize(device)
 start = threading.Barrier(len(work))
-errors = []
 
 def calls(index):
-    try:
-        case, per_device, expected = work[index]
-        home = index % 2  # half the calls of every thread go to the GPU that is not its current one
-        torch.cuda.set_device(home)
-        start.wait()
-        for round in range(ROUNDS):
-            order = devices if (round + index) % 2 == 0 else devices[::-1]
-            outputs = {}
-            for device in order:
-                args = per_device[device]
-                poison_allocator(device, (args.q, args.k))
-                outputs[device] = torch.ops.rope.fused_qk(*args)
-            for device in order:
-                torch.cuda.synchronize(device)
-                for out, ref in zip(outputs[device], expected):
-                    assert out.device == torch.device(device), f"output on {out.device}, expected {device}"
-                    assert_close_to_reference(out, ref, case.dtype)
-            assert torch.cuda.current_device() == home, "the op changed the thread's current device"
-    except BaseException as error:
-        errors.append(error)
+    case, per_device, expected = work[index]
+    home = index % 2  # half the calls of every thread go to the GPU that is not its current one
+    torch.cuda.set_device(home)
+    start.wait()
+    for round in range(ROUNDS):
+        order = devices if (round + index) % 2 == 0 else devices[::-1]
+        outputs = {}
+        for device in order:
+            args = per_device[device]
+            poison_allocator(device, (args.q, args.k))
+            outputs[device] = torch.ops.rope.fused_qk(*args)
+        for device in order:
+            torch.cuda.synchronize(device)
+            for out, ref in zip(outputs[device], expected):
+                assert out.device == torch.device(device), f"output on {out.device}, expected {device}"
+                assert_close_to_reference(out, ref, case.dtype)
+        assert torch.cuda.current_device() == home, "the op changed the thread's current device"
 
-threads = [threading.Thread(target=calls, args=(i,)) for i in range(len(work))]
-for thread in threads:
-    thread.start()
-for thread in threads:
-    thread.join()
-if errors:
-    raise errors[0]
+run_in_threads(calls, [(i,) for i in range(len(work))])
 print("alternating devices from several threads: ok")
 """
 
@@ -227,28 +218,21 @@ def test_graph_capture_and_replay_on_the_second_gpu() -> None:
 # The first call of a process, on cuda:1, from a thread that is not the main one: no context is
 # current in that thread, and cuda:0 has not been used at all. Then the first call on cuda:0.
 FIRST_CALL_ON_SECOND_GPU_FROM_NEW_THREAD = """
-import threading
 import torch
 import rope_kernels
 from rope_reference import RopeCase, assert_close_to_reference, make_args, reference_fused_qk
+from thread_runner import run_in_threads
 
 case = RopeCase(dtype=torch.float16, layout="qkv", positions="s:int32")
 result = {}
 
 def first_call():
-    try:
-        args = make_args(case, "cuda:1")
-        result["args"] = args
-        result["outputs"] = torch.ops.rope.fused_qk(*args)
-        torch.cuda.synchronize(1)
-    except BaseException as error:
-        result["error"] = error
+    args = make_args(case, "cuda:1")
+    result["args"] = args
+    result["outputs"] = torch.ops.rope.fused_qk(*args)
+    torch.cuda.synchronize(1)
 
-thread = threading.Thread(target=first_call)
-thread.start()
-thread.join()
-if "error" in result:
-    raise result["error"]
+run_in_threads(first_call, [()])
 args0 = make_args(case, "cuda:0")
 outputs0 = torch.ops.rope.fused_qk(*args0)
 torch.cuda.synchronize(0)
