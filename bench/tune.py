@@ -68,13 +68,18 @@ def launcher_heads_fastest(q: torch.Tensor) -> bool:
     return q.size(2) == 1 or q.stride(1) <= q.stride(2)
 
 
-def _load_module(path: Path, name: str) -> Any:
+def load_source_module(path: Path, name: str) -> Any:
+    """A module of the repository's build sources (kernels/), which is not a package, by its path."""
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None, path
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
+
+
+# The build's specialization table, and its copy of the launcher's choice of a variant.
+SPECS: Any = load_source_module(SPECS_PATH, "rope_aot_specs")
 
 
 def specialized_like_aot(kernel: Any, specs: Any) -> Any:
@@ -95,11 +100,6 @@ def specialized_like_aot(kernel: Any, specs: Any) -> Any:
     scalars = [name for name in specs.I32_PARAMS + specs.STRIDE_PARAMS if name not in hinted]
     pointers = [name for name in specs.POINTER_PARAMS if name not in hinted]
     return triton.jit(kernel.fn, do_not_specialize=scalars, do_not_specialize_on_alignment=pointers)
-
-
-def block_d2_of(head_dim: int, values: Tuple[int, ...]) -> int:
-    half = head_dim // 2
-    return next(v for v in values if v >= half)
 
 
 def candidate_shapes(block_d2: int, block_hs: List[int], warps: List[int]) -> List[Shape]:
@@ -138,7 +138,7 @@ def launcher(kernel: Any, inputs: Inputs, q_out: torch.Tensor, k_out: torch.Tens
     heads_k = k.shape[1]
     n_blocks = -(-(heads_q + heads_k) // shape.block_h)  # q's heads then k's, one axis
     grid, grid_order = launch_grid(batch, seq, n_blocks, shape.heads_fastest)
-    even_d = not narrow and head_dim // 2 == block_d2  # as rope_launch.cpp chooses for aligned inputs
+    even_d = SPECS.launcher_even_d(head_dim // 2, True, narrow)
     pos_arg = pos if pos is not None else q  # never read without HAS_POS
     pos_strides = (pos.stride(0), pos.stride(1)) if pos is not None else (0, 0)
 
@@ -160,7 +160,7 @@ def launcher(kernel: Any, inputs: Inputs, q_out: torch.Tensor, k_out: torch.Tens
 
 
 def tune_workload(workload: Workload, shapes: List[Shape], kernel: Any, block_d2: int, timer: Any,
-                  ours: Optional[Any], narrow_below: int, log: Callable[[str], None]) -> Dict[str, Any]:
+                  ours: Optional[Any], log: Callable[[str], None]) -> Dict[str, Any]:
     device = timer.device
     inputs = make_inputs(workload, device)
     q_out = torch.empty_like(inputs.q.detach())
@@ -172,8 +172,8 @@ def tune_workload(workload: Workload, shapes: List[Shape], kernel: Any, block_d2
     record: Dict[str, Any] = {"shape": workload.describe(), "block_d2": block_d2, "results": {},
                               "element_size": inputs.q.element_size(),
                               "heads_fastest": launcher_heads_fastest(inputs.q),
-                              "narrow": workload.batch * workload.seq * (workload.heads_q + workload.heads_k)
-                              < narrow_below}
+                              "narrow": SPECS.is_narrow_grid(workload.batch * workload.seq,
+                                                             workload.heads_q + workload.heads_k)}
 
     calls: Dict[str, Callable[[], None]] = {}
     if ours is not None:
@@ -269,8 +269,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
 
-    specs = _load_module(SPECS_PATH, "rope_aot_specs")
-    kernel = specialized_like_aot(getattr(_load_module(KERNEL_PATH, "rope_kernel"), specs.KERNEL_NAME), specs)
+    kernel = specialized_like_aot(getattr(load_source_module(KERNEL_PATH, "rope_kernel"), SPECS.KERNEL_NAME), SPECS)
     try:
         import_rope_kernels()
         ours: Optional[Any] = torch.ops.rope.fused_qk
@@ -289,9 +288,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     records: Dict[str, Dict[str, Any]] = {}
     for name in names:
         workload = workload_by_name(name)
-        block_d2 = block_d2_of(workload.head_dim, specs.BLOCK_D2_VALUES)
+        block_d2 = SPECS.BLOCK_D2_VALUES[SPECS.block_d2_index_of(workload.head_dim // 2)]
         shapes = candidate_shapes(block_d2, block_hs, warps)
-        record = tune_workload(workload, shapes, kernel, block_d2, timer, ours, specs.NARROW_BELOW_HEAD_VECTORS, print)
+        record = tune_workload(workload, shapes, kernel, block_d2, timer, ours, print)
         record["name"] = name
         records[name] = record
         print_workload(name, record, print)

@@ -37,14 +37,6 @@ specs = _load("aot_specs")
 HALF_DIMS = range(1, specs.BLOCK_D2_VALUES[-1] + 1)
 
 
-def launcher_choice(qk: int, table: int, half_dim: int, pos: int, aligned: bool, narrow: bool) -> object:
-    """The variant rope_launch.cpp picks: the smallest BLOCK_D2 holding half_dim, and an even
-    variant for aligned wide-grid launches whose half_dim fills it."""
-    block = next(i for i, value in enumerate(specs.BLOCK_D2_VALUES) if value >= half_dim)
-    even_d = aligned and not narrow and half_dim == specs.BLOCK_D2_VALUES[block]
-    return specs.Variant(qk, table, block, pos, aligned, even_d, narrow)
-
-
 def launches() -> Iterator[Tuple[str, object]]:
     """Every (description, variant) the launcher can ask for."""
     for qk, qk_name in enumerate(specs.QK_DTYPES):
@@ -56,7 +48,7 @@ def launches() -> Iterator[Tuple[str, object]]:
                 for aligned in ((False, True) if half_dim % 16 == 0 else (False,)):
                     for pos in range(len(specs.POS_KINDS)):
                         for narrow in (False, True):
-                            variant = launcher_choice(qk, table, half_dim, pos, aligned, narrow)
+                            variant = specs.launcher_variant(qk, table, half_dim, pos, aligned, narrow)
                             yield f"{qk_name} table {specs.TABLE_DTYPES[table]} half_dim {half_dim} " \
                                   f"{specs.POS_KINDS[pos]} aligned={aligned} narrow={narrow}", variant
 

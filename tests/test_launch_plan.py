@@ -4,11 +4,12 @@ Two things are checked on a GPU, for inputs that take each grid order and grid c
 
 - one call is one kernel launch and nothing else (no copy of a transposed view, no fill of the
   outputs), forward and backward;
-- its grid and block are what the launch table (kernels/aot_specs.py) and the tuner's copy of the
-  launcher's rule (bench/tune.py: `launch_grid`, `launcher_heads_fastest`, and the narrow-grid
-  threshold) say they are. The tuner times shapes with that copy of the rule, so if the C++
-  launcher (csrc/cuda/rope_launch.cpp) changed its choice and the copy did not, the tuner would
-  measure launches the library never makes; this is where that drift would show.
+- its grid and block are what the launch table and the Python copy of the launcher's rule say
+  they are (kernels/aot_specs.py: `block_d2_index_of`, `is_narrow_grid`, `launch_shape`;
+  bench/tune.py: `launch_grid`, `launcher_heads_fastest`). The tuner times shapes with that copy
+  of the rule, so if the C++ launcher (csrc/cuda/rope_launch.cpp) changed its choice and the copy
+  did not, the tuner would measure launches the library never makes; this is where that drift
+  would show.
 """
 from __future__ import annotations
 
@@ -32,9 +33,8 @@ if not (REPO_ROOT / "bench" / "__init__.py").exists():
     pytest.skip("bench/ is a repository tool: not beside this copy of the tests", allow_module_level=True)
 
 import rope_kernels  # noqa: E402,F401  (loads the op library)
-from bench.tune import SPECS_PATH, _load_module, block_d2_of, launch_grid, launcher_heads_fastest  # noqa: E402
+from bench.tune import SPECS as specs, launch_grid, launcher_heads_fastest  # noqa: E402
 
-specs = _load_module(SPECS_PATH, "rope_aot_specs_for_launch_plan")
 KERNEL_NAME = specs.KERNEL_NAME
 QK_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -75,8 +75,8 @@ class Case:
 
     def expected(self, q: torch.Tensor, arch: int) -> Tuple[Tuple[int, int, int], Tuple[int, int, int]]:
         """Grid and block for q by the launch table and the tuner's copy of the launcher's rule."""
-        block_d2 = block_d2_of(self.head_dim, specs.BLOCK_D2_VALUES)
-        narrow = self.batch * self.seq * (self.heads_q + self.heads_k) < specs.NARROW_BELOW_HEAD_VECTORS
+        block_d2 = specs.BLOCK_D2_VALUES[specs.block_d2_index_of(self.head_dim // 2)]
+        narrow = specs.is_narrow_grid(self.batch * self.seq, self.heads_q + self.heads_k)
         shape = specs.launch_shape(arch, QK_NAMES[self.dtype], block_d2, narrow)
         n_blocks = -(-(self.heads_q + self.heads_k) // shape.block_h)
         grid, _ = launch_grid(self.batch, self.seq, n_blocks, launcher_heads_fastest(q))
