@@ -49,14 +49,21 @@ def token_positions(positions: torch.Tensor, batch: int, seq: int, device: torch
     sequence, kept without a copy); a flat ``(batch * seq,)`` as Unsloth's indices. Any other
     integer dtype is converted to int32, as Unsloth does.
     """
-    if positions.dtype == torch.bool or positions.is_floating_point() or positions.is_complex():
-        raise ValueError(caller + ": " + name + " must be an integer tensor; got " + str(positions.dtype))
-    if positions.dtype != torch.int32 and positions.dtype != torch.int64:
+    # Runs on every call of a model's attention layers: the common case (int32 or int64 (batch, seq)
+    # positions on q's device) is decided first and returned as it is, without dispatching an op.
+    dtype = positions.dtype
+    if dtype != torch.int64 and dtype != torch.int32:
+        if dtype == torch.bool or positions.is_floating_point() or positions.is_complex():
+            raise ValueError(caller + ": " + name + " must be an integer tensor; got " + str(dtype))
         positions = positions.to(torch.int32)
     if positions.device != device:
         positions = positions.to(device)
-    if positions.dim() == 2 and positions.shape[1] == seq and (positions.shape[0] == batch or positions.shape[0] == 1):
-        return positions.expand(batch, seq)
+    if positions.dim() == 2 and positions.size(1) == seq:
+        rows = positions.size(0)
+        if rows == batch:
+            return positions
+        if rows == 1:
+            return positions.expand(batch, seq)
     if positions.dim() == 1 and positions.shape[0] == seq:
         return positions
     if positions.dim() == 1 and positions.shape[0] == batch * seq:
