@@ -125,10 +125,13 @@ def rope_qk_kernel(
     # but the repeated loads cost more: 1 to 5 % slower on an H200, bench/NOTES.md.)
     cos_row = cos_ptr + b * cos_stride_b + row * cos_stride_row
     sin_row = sin_ptr + b * sin_stride_b + row * sin_stride_row
-    # Default cache policy. Loading the rows with evict_last was up to 4 % faster on one H200 and
-    # up to 1 % slower on two others, and the rows it keeps stay ahead of other data in the L2 after
-    # the call: after long-128k (32 MB of rows) a copy of 36 MB that fits the L2 ran 24 % slower
-    # (bench/NOTES.md, 23:02). A RoPE call must not tax the kernels that follow it.
+    # Default cache policy. Each sequence reads the shared table from DRAM again; keeping the rows
+    # in the L2 for the next sequence (evict_last) saves 1.5 % of llama8b-train's kernel time and
+    # 2 to 3 % of hd256-gemma's on an H200, but the kept rows stay ahead of other data after the
+    # call: the causal attention that follows ran 4 % slower (925 against 887 us). With evict_last
+    # on every row, a 36 MB copy after long-128k ran 24 % slower. Handing the rows back (PTX
+    # applypriority) cost more than the re-read it saved. A RoPE call must not tax the kernels that
+    # follow it (bench/NOTES.md, 2026-11-29 23:02 and 2026-11-30 00:44 to 00:49).
     cos = tl.load(cos_row + d, mask=d_ok & row_ok, other=float("nan")).to(tl.float32)
     sin = tl.load(sin_row + d, mask=d_ok & row_ok, other=float("nan")).to(tl.float32)
     sin = sin * sin_sign  # int32 times float32 is float32 (and a plain 1 where Triton specializes it)
