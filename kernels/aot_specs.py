@@ -138,34 +138,6 @@ def launch_shape(arch: int, qk_dtype: str, block_d2: int, narrow: bool) -> Launc
     return table[(ELEMENT_SIZES[qk_dtype], block_d2, narrow)]
 
 
-# The launcher's choice of a slot, as csrc/cuda/rope_launch.cpp makes it. The C++ is what runs;
-# this copy lets tests/test_aot_specs.py check that every launch it can ask for is built, and
-# lets bench/tune.py time the variants the library would launch (tests/test_launch_plan.py
-# compares the grids and blocks of both on a GPU).
-
-
-def block_d2_index_of(half_dim: int) -> int:
-    """Index of the smallest BLOCK_D2 that holds half_dim (block_d2_index_of in C++)."""
-    return next(i for i, value in enumerate(BLOCK_D2_VALUES) if value >= half_dim)
-
-
-def is_narrow_grid(tokens: int, heads: int) -> bool:
-    """Whether a launch of `tokens` tokens of `heads` q and k heads takes the narrow grid class."""
-    return tokens * heads < NARROW_BELOW_HEAD_VECTORS
-
-
-def launcher_even_d(half_dim: int, aligned: bool, narrow: bool) -> bool:
-    """Whether the launcher takes the even variant: an aligned wide-grid launch whose half_dim
-    fills its BLOCK_D2."""
-    return aligned and not narrow and half_dim == BLOCK_D2_VALUES[block_d2_index_of(half_dim)]
-
-
-def launcher_variant(qk: int, table: int, half_dim: int, pos: int, aligned: bool, narrow: bool) -> Variant:
-    """The slot the launcher asks for (indices on the dtype, table and position axes as given)."""
-    return Variant(qk, table, block_d2_index_of(half_dim), pos, aligned, launcher_even_d(half_dim, aligned, narrow),
-                   narrow)
-
-
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """One specialization, named by its index on each axis of the table."""
@@ -281,6 +253,34 @@ def all_variants() -> Iterator[Variant]:
 
 def built_variants() -> list[Variant]:
     return [v for v in all_variants() if v.is_built]
+
+
+# The launcher's choice of a slot, as csrc/cuda/rope_launch.cpp makes it. The C++ is what runs;
+# this copy lets tests/test_aot_specs.py check that every launch it can ask for is built, and
+# lets bench/tune.py time the variants the library would launch (tests/test_launch_plan.py
+# compares the grids and blocks of both on a GPU).
+
+
+def block_d2_index_of(half_dim: int) -> int:
+    """Index of the smallest BLOCK_D2 that holds half_dim (block_d2_index_of in C++)."""
+    return next(i for i, value in enumerate(BLOCK_D2_VALUES) if value >= half_dim)
+
+
+def is_narrow_grid(tokens: int, heads: int) -> bool:
+    """Whether a launch of `tokens` tokens of `heads` q and k heads takes the narrow grid class."""
+    return tokens * heads < NARROW_BELOW_HEAD_VECTORS
+
+
+def launcher_even_d(half_dim: int, aligned: bool, narrow: bool) -> bool:
+    """Whether the launcher takes the even variant: an aligned wide-grid launch whose half_dim
+    fills its BLOCK_D2."""
+    return aligned and not narrow and half_dim == BLOCK_D2_VALUES[block_d2_index_of(half_dim)]
+
+
+def launcher_variant(qk: int, table: int, half_dim: int, pos: int, aligned: bool, narrow: bool) -> Variant:
+    """The slot the launcher asks for (indices on the dtype, table and position axes as given)."""
+    return Variant(qk, table, block_d2_index_of(half_dim), pos, aligned, launcher_even_d(half_dim, aligned, narrow),
+                   narrow)
 
 
 def is_optional_arch(arch: int) -> bool:
