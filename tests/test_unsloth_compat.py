@@ -127,6 +127,8 @@ BAD_CALLS = [
      r"rope_kernels.fast_rope_embedding: rope_embedding_indices must have shape"),
     ("indices_float", lambda a: rope_kernels.fast_rope_embedding(a.q, a.k, a.cos, a.sin, torch.zeros(a.q.shape[2])),
      r"rope_embedding_indices must be an integer tensor"),
+    ("position_ids_bool", lambda a: rope_kernels.inplace_rope_embedding(a.q, a.k, a.cos, a.sin, torch.ones(a.q.shape[0], a.q.shape[2], dtype=torch.bool)),
+     r"rope_kernels.inplace_rope_embedding: position_ids must be an integer tensor; got torch.bool"),
     ("table_3d", lambda a: rope_kernels.fast_rope_embedding(a.q, a.k, a.cos.expand(2, *a.cos.shape), a.sin.expand(2, *a.sin.shape)),
      r"cos must be \(max_seq, width\) up to size-1 dimensions"),
     ("position_ids_wrong", lambda a: rope_kernels.inplace_rope_embedding(a.q, a.k, a.cos, a.sin, torch.zeros(2, 2, dtype=torch.long)),
