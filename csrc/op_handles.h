@@ -1,25 +1,28 @@
 // Typed dispatcher handles of the rope ops, for kernels that call another rope op (autograd,
-// functionalization): looked up once, in one place, with the C++ signature of each schema.
+// functionalization): the public API's handles and signatures (rope_kernels/rope_kernels.h), so
+// that the library and its C++ users share one definition of each op's C++ signature.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
+#include <rope_kernels/rope_kernels.h>
 
-#include <optional>
-#include <tuple>
+#include <type_traits>
 
 namespace rope_kernels {
 
-// rope::fused_qk and rope::fused_qk_backward.
-using RotateSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                             const at::Tensor&, const at::Tensor&,
-                                                             const std::optional<at::Tensor>&);
-// rope::fused_qk_ (in place).
-using InplaceSignature = std::tuple<at::Tensor, at::Tensor>(at::Tensor&, at::Tensor&, const at::Tensor&,
-                                                               const at::Tensor&, const std::optional<at::Tensor>&);
+using RotateSignature = signatures::Rotate;
+using InplaceSignature = signatures::RotateInplace;
 
-const c10::TypedOperatorHandle<RotateSignature>& fused_qk_op();
-const c10::TypedOperatorHandle<RotateSignature>& fused_qk_backward_op();
-const c10::TypedOperatorHandle<InplaceSignature>& fused_qk_inplace_op();
+inline const c10::TypedOperatorHandle<RotateSignature>& fused_qk_op() { return detail::fused_qk_handle(); }
+inline const c10::TypedOperatorHandle<RotateSignature>& fused_qk_backward_op() {
+  return detail::fused_qk_backward_handle();
+}
+inline const c10::TypedOperatorHandle<InplaceSignature>& fused_qk_inplace_op() {
+  return detail::fused_qk_inplace_handle();
+}
+
+// A backend's kernel has exactly the op's signature: checked where the kernel is registered.
+#define ROPE_CHECK_SIGNATURE(kernel, signature)                                                   \
+  static_assert(std::is_same_v<decltype(kernel), ::rope_kernels::signatures::signature>,         \
+                #kernel " must have the C++ signature rope_kernels::signatures::" #signature)
 
 }  // namespace rope_kernels

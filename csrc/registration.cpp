@@ -24,6 +24,11 @@ TORCH_LIBRARY(rope, m) {
   m.def("fused_qk_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? positions=None)"
         " -> (Tensor(a!), Tensor(b!))",
         tags);
+  // The CUDA launcher's plan for these inputs on a device of this capability, as plain values
+  // (python/rope_kernels/launch_plan.py names them): for the tests and the tuner, which check and
+  // time what the launcher launches without keeping a copy of its rule. Private: may change.
+  m.def("_launch_plan(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? positions=None, *, int capability,"
+        " bool inplace=False, int? block_h=None, bool? heads_fastest=None) -> int[]");
   // A JSON description of this build (versions, architectures, kernel variants), for C++ and
   // Python users alike.
   m.def("build_info() -> str", &rope_kernels::build_info_json);

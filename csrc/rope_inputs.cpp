@@ -1,5 +1,7 @@
 #include "rope_inputs.h"
 
+#include "cuda/kernel_table.h"
+
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <c10/util/SmallVector.h>
@@ -96,15 +98,17 @@ void check_positions(const char* op, const at::Tensor& q, const at::Tensor& posi
               seq, ") or (seq,) = (", seq, "); got ", positions.sym_sizes());
 }
 
-// The CUDA kernels' limits. Checked here, for every backend, so that fake CUDA tensors
-// (torch.compile, torch.export) are refused at trace time with the message real ones get.
+// The CUDA kernels' limits (the dtypes they are built for, the largest head-dim block of the
+// kernel table). Checked here, for every backend, so that fake CUDA tensors (torch.compile,
+// torch.export) are refused at trace time with the message real ones get.
 void check_cuda_limits(const char* op, const at::Tensor& q) {
   if (!q.is_cuda()) {
     return;
   }
   TORCH_CHECK(q.scalar_type() != at::kDouble, op, ": q and k of dtype ", q.scalar_type(),
               " are not supported on CUDA (float16, bfloat16 and float32 are; float64 runs on the CPU)");
-  TORCH_CHECK(q.sym_size(3) <= 256, op, ": head_dim above 256 is not supported on CUDA (got ", q.sym_size(3),
+  TORCH_CHECK(q.sym_size(3) <= cuda::kMaxHeadDim, op, ": head_dim above ", cuda::kMaxHeadDim,
+              " is not supported on CUDA (got ", q.sym_size(3),
               "; the CPU backend has no such limit)");
 }
 

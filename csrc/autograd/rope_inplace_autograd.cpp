@@ -89,6 +89,9 @@ std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_ad_inplace_or_view(at::Tenso
 
 }  // namespace
 
+ROPE_CHECK_SIGNATURE(fused_qk_inplace_autograd, RotateInplace);
+ROPE_CHECK_SIGNATURE(fused_qk_inplace_ad_inplace_or_view, RotateInplace);
+
 TORCH_LIBRARY_IMPL(rope, Autograd, m) {
   m.impl("fused_qk_", &fused_qk_inplace_autograd);
 }

@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "rope_inplace.h"
+#include "op_handles.h"
 #include "rope_inputs.h"
 
 namespace rope_kernels {
@@ -108,6 +109,10 @@ std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_cpu(at::Tensor& q, at::Tenso
 }
 
 }  // namespace
+
+ROPE_CHECK_SIGNATURE(fused_qk_cpu, Rotate);
+ROPE_CHECK_SIGNATURE(fused_qk_backward_cpu, Rotate);
+ROPE_CHECK_SIGNATURE(fused_qk_inplace_cpu, RotateInplace);
 
 TORCH_LIBRARY_IMPL(rope, CPU, m) {
   m.impl("fused_qk", &fused_qk_cpu);

@@ -44,6 +44,10 @@ std::string cuda_build_info_json() {
   std::string by_architecture;
   int total = 0;
   int per_architecture = 0;
+  std::string dtypes;
+  for (int i = 0; i < kNumQkDtypes; ++i) {
+    dtypes += (i == 0 ? "\"" : ", \"") + std::string(kQkDtypeNames[i]) + "\"";
+  }
   for (int i = 0; i < kNumBuiltArchs; ++i) {
     const ArchKernels& arch = kBuiltArchs[i];
     const int count = built_variant_count(arch);
@@ -56,6 +60,8 @@ std::string cuda_build_info_json() {
   return "{\"architectures\": [" + architectures + "], \"variants_per_architecture\": " +
          std::to_string(per_architecture) + ", \"variants_by_architecture\": {" + by_architecture +
          "}, \"variant_slots\": " + std::to_string(kNumVariants) + ", \"kernels\": " + std::to_string(total) +
+         ", \"max_head_dim\": " + std::to_string(kMaxHeadDim) +
+         ", \"dtypes\": [" + dtypes + "]" +
          ", \"triton\": " + json_string(kTritonVersion) + "}";
 }
 

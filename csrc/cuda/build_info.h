@@ -13,6 +13,8 @@ namespace rope_kernels::cuda {
 //    "variants_by_architecture": {"80": 270, ...},
 //    "variant_slots": 576,                       size of the variant table per arch
 //    "kernels": 1080,                            cubins built in total
+//    "max_head_dim": 256,                        the largest head_dim the kernels rotate
+//    "dtypes": ["float16", "bfloat16", "float32"],  q/k dtypes the kernels are built for
 //    "triton": "3.8.0"}                          Triton version that compiled them
 std::string cuda_build_info_json();
 

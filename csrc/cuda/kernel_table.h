@@ -9,9 +9,16 @@
 namespace rope_kernels::cuda {
 
 enum class QkDtype : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
+constexpr int kNumQkDtypes = 3;
+constexpr const char* kQkDtypeNames[kNumQkDtypes] = {"float16", "bfloat16", "float32"};  // torch's names
 enum class TableDtype : int { kSameAsQk = 0, kFloat32 = 1 };
 enum class PosKind : int { kNone = 0, kInt32 = 1, kInt64 = 2 };
-constexpr int kNumBlockD2 = 4; constexpr int kBlockD2Values[kNumBlockD2] = {16, 32, 64, 128};
+constexpr int kNumBlockD2 = 4;
+constexpr int kBlockD2Values[kNumBlockD2] = {16, 32, 64, 128};
+// The largest head_dim the kernels rotate: two halves of the largest BLOCK_D2 the table holds.
+// check_and_normalize refuses larger ones on CUDA, for real and fake tensors alike, and
+// build_info() reports it ("cuda_kernels": {"max_head_dim": ...}).
+constexpr int kMaxHeadDim = 2 * kBlockD2Values[kNumBlockD2 - 1];
 constexpr int kNumVariants = 576;
 
 // Mixed-radix position of one specialization: qk dtype (3) x table dtype (2) x BLOCK_D2 (4)

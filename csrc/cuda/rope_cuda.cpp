@@ -1,7 +1,9 @@
 // The CUDA kernels of rope::fused_qk and rope::fused_qk_backward: validate, allocate, launch.
 // Backward is the same rotation with sin negated, so both ops share one path.
+#include "cuda/launch_plan.h"
 #include "cuda/rope_launch.h"
 #include "rope_inplace.h"
+#include "op_handles.h"
 #include "rope_inputs.h"
 
 #include <ATen/EmptyTensor.h>
@@ -36,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor> rotate_on_cuda(const char* op, const at::Tens
   // Validation first: it also establishes that every tensor is on q's device, which the guard
   // below relies on.
   const RopeInputs in = check_and_normalize(op, q, k, cos, sin, positions);
-  check_supported_on_cuda(op, in);
+  check_grid_limits(op, in);
   // c10::DeviceGuard on a CUDA device is c10::cuda::CUDAGuard reached through the guard
   // implementation torch registers; unlike CUDAGuard's inline code it references no CUDA runtime
   // symbol, so this library needs neither c10_cuda nor cudart at link time.
@@ -70,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_cuda(at::Tensor& q, at::Tens
                                                           const std::optional<at::Tensor>& positions) {
   const char* op = "rope::fused_qk_";
   const RopeInputs in = check_and_normalize(op, q, k, cos, sin, positions);
-  check_supported_on_cuda(op, in);
+  check_grid_limits(op, in);
   check_inplace_targets(op, q, k);
   check_inplace_apart(op, q, k, cos, sin, positions);
   const c10::DeviceGuard device_guard(in.q.device());
@@ -88,6 +90,10 @@ std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_cuda(at::Tensor& q, at::Tens
 
 }  // namespace
 }  // namespace rope_kernels::cuda
+
+ROPE_CHECK_SIGNATURE(rope_kernels::cuda::fused_qk_cuda, Rotate);
+ROPE_CHECK_SIGNATURE(rope_kernels::cuda::fused_qk_backward_cuda, Rotate);
+ROPE_CHECK_SIGNATURE(rope_kernels::cuda::fused_qk_inplace_cuda, RotateInplace);
 
 TORCH_LIBRARY_IMPL(rope, CUDA, m) {
   m.impl("fused_qk", &rope_kernels::cuda::fused_qk_cuda);

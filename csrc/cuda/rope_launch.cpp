@@ -1,388 +1,46 @@
 #include "cuda/rope_launch.h"
 
 #include "cuda/driver_api.h"
+#include "cuda/launch_plan.h"
 #include "cuda/module_cache.h"
 
 #include <c10/core/Stream.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <c10/util/Exception.h>
 
-#include <cstdint>
-#include <limits>
-
 namespace rope_kernels::cuda {
 namespace {
 
-constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
-constexpr int64_t kMaxHalfDim = kBlockD2Values[kNumBlockD2 - 1];
-constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on gridDim.y and gridDim.z
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// rope_qk_kernel's launch parameters (contract order): 7 pointers, 7 int32, 18 strides (int32 in
-// the aligned variants, int64 in the general ones).
-constexpr int kNumKernelParams = 32;
 // Triton 3.6..3.9 append two scratch pointers (global, profile); room for a couple more.
 constexpr int kMaxTrailingNullParams = 4;
 
-// One specialization of the kernel, chosen from the inputs by plain arithmetic.
-struct Variant {
-  QkDtype qk;
-  TableDtype table;
-  int block_d2_index;
-  PosKind pos;
-  bool aligned;
-  bool even_d;  // half_dim == BLOCK_D2: masks along the heads only
-  bool narrow;
-
-  int index() const { return variant_index(qk, table, block_d2_index, pos, aligned, even_d, narrow); }
-};
-
-// The kernel's strides in launch order (aot_specs.STRIDE_PARAMS): all but the positions' are
-// hinted as multiples of 16 in the aligned variants.
-// Each tensor's three strides are in (batch, head, sequence) order, its dims 0, 1, 2.
-enum StrideParam : int {
-  kQStrideB, kQStrideH, kQStrideS,
-  kKStrideB, kKStrideH, kKStrideS,
-  kQOutStrideB, kQOutStrideH, kQOutStrideS,
-  kKOutStrideB, kKOutStrideH, kKOutStrideS,
-  kCosStrideRow, kSinStrideRow,
-  kCosStrideB, kSinStrideB,
-  kPosStrideB, kPosStrideS,
-  kNumStrideParams
-};
-constexpr int kNumHintedStrides = kPosStrideB;
-static_assert(kKStrideB == kQStrideB + 3 && kQOutStrideB == kQStrideB + 6 && kKOutStrideB == kQStrideB + 9,
-              "make_args fills the strides of q, k, q_out and k_out in a loop, three apart in that order");
-
-// The kernel's parameters as locals of the exact C types the cubin reads: CUdeviceptr for
-// pointers, int32_t for i32; the strides in 64 bits and, for a cubin that takes them in 32
-// (the aligned variants), narrowed copies. Their addresses make the launch's argument array.
-struct KernelArgs {
-  CUdeviceptr q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, pos_ptr;
-  int32_t seq_len, n_heads_q, n_heads_k, half_dim, table_rows, sin_sign, grid_order;
-  int64_t strides[kNumStrideParams];
-  int32_t strides32[kNumStrideParams];
-};
-static_assert(7 + 7 + kNumStrideParams == kNumKernelParams,
-              "KernelArgs must hold exactly the kernel's 32 parameters (update the argument array with it)");
-
-// A launch's grid and what the kernel must be told about it.
-struct Grid {
-  int64_t x, y, z;
-  GridOrder order;
-};
-
-// The programs walk (batch, sequence, head block) in memory order: heads fastest where a token's
-// heads lie closer together than neighbouring tokens, as in (B, S, H, D), else sequence fastest,
-// as in (B, H, S, D). Each coordinate gets its own grid dimension, so that a program finds its
-// token and head block without dividing (integer division is tens of dependent instructions
-// before the first address, much of a decoding kernel's run time). Sequences or batches beyond
-// the 65535 that y and z hold (long context, huge head counts) take one flat dimension instead.
-Grid choose_grid(const char* op, const RopeInputs& in, int64_t head_blocks, int block_h) {
-  const int64_t batch = in.q.size(0);
-  const int64_t seq_len = in.q.size(2);
-  const bool heads_fastest = seq_len == 1 || in.q.stride(1) <= in.q.stride(2);
-  if (batch <= kMaxGridYZ) {
-    if (heads_fastest && seq_len <= kMaxGridYZ) {
-      return {head_blocks, seq_len, batch, GridOrder::kHeadsFastest};
-    }
-    if (!heads_fastest && head_blocks <= kMaxGridYZ) {
-      return {seq_len, head_blocks, batch, GridOrder::kSequenceFastest};
-    }
-  }
-  int64_t programs = 0;  // tokens <= 2^31 - 1: check_supported_on_cuda
-  TORCH_CHECK(!__builtin_mul_overflow(batch * seq_len, head_blocks, &programs) && programs <= kInt32Max, op, ": ",
-              batch * seq_len, " tokens of ", in.q.size(1), " + ", in.k.size(1),
-              " heads exceed the CUDA grid limit of 2^31 - 1 programs of ", block_h, " heads");
-  return {programs, 1, 1, GridOrder::kFlat};
-}
-
-const char* dtype_name(QkDtype dtype) {
-  switch (dtype) {
-    case QkDtype::kFloat16:
-      return "float16";
-    case QkDtype::kBFloat16:
-      return "bfloat16";
-    case QkDtype::kFloat32:
-      return "float32";
-  }
-  return "?";
-}
-
-const char* positions_name(PosKind pos) {
-  switch (pos) {
-    case PosKind::kNone:
-      return "none";
-    case PosKind::kInt32:
-      return "int32";
-    case PosKind::kInt64:
-      return "int64";
-  }
-  return "?";
-}
-
-QkDtype qk_dtype_of(const char* op, at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kHalf:
-      return QkDtype::kFloat16;
-    case at::kBFloat16:
-      return QkDtype::kBFloat16;
-    case at::kFloat:
-      return QkDtype::kFloat32;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, op, ": q and k of dtype ", dtype,
-              " are not supported on CUDA (float16, bfloat16 and float32 are; float64 runs on the CPU)");
-  return QkDtype::kFloat32;  // not reached
-}
-
-// The table is read in q's dtype or in float32; for float32 q both are the same kernel.
-TableDtype table_dtype_of(const char* op, at::ScalarType table, at::ScalarType qk) {
-  if (table == qk) {
-    return TableDtype::kSameAsQk;
-  }
-  TORCH_CHECK(table == at::kFloat, op, ": cos and sin must be float32 or q's dtype (", qk, "); got ", table);
-  return TableDtype::kFloat32;
-}
-
-// The smallest BLOCK_D2 >= half_dim; half_dim <= kMaxHalfDim is checked before.
-int block_d2_index_of(int64_t half_dim) {
-  int index = 0;
-  while (index < kNumBlockD2 - 1 && kBlockD2Values[index] < half_dim) {
-    ++index;
-  }
-  return index;
-}
-
-PosKind positions_kind_of(const std::optional<at::Tensor>& positions) {
-  if (!positions.has_value()) {
-    return PosKind::kNone;
-  }
-  return positions->scalar_type() == at::kInt ? PosKind::kInt32 : PosKind::kInt64;
-}
-
-// A size-1 dimension is only ever indexed at 0, so its stride is irrelevant: passing 0 lets
-// views such as a single-head slice still qualify for the aligned variant, and the kernel gets
-// exactly the values the aligned variant's divisibility hints were checked against.
-int64_t kernel_stride(const at::Tensor& t, int64_t dim) {
-  return t.size(dim) == 1 ? 0 : t.stride(dim);
-}
-
-CUdeviceptr device_address(const at::Tensor& t) {
-  return static_cast<CUdeviceptr>(reinterpret_cast<std::uintptr_t>(t.data_ptr()));
-}
-
-int32_t as_int32(const char* op, const char* what, int64_t value) {
-  TORCH_CHECK(value >= 0 && value <= kInt32Max, op, ": ", what, " (", value,
-              ") does not fit the CUDA kernel's 32-bit parameter");
-  return static_cast<int32_t>(value);
-}
-
-// Every value the aligned variant hints with `:16` (16-byte aligned pointers except pos_ptr;
-// half_dim and every q/k/out/cos/sin stride divisible by 16). A hint that does not hold gives
-// wrong vector loads, so the aligned cubin is chosen only when all of them hold.
-bool alignment_hints_hold(const KernelArgs& a) {
-  const CUdeviceptr pointers[] = {a.q_ptr, a.k_ptr, a.q_out_ptr, a.k_out_ptr, a.cos_ptr, a.sin_ptr};
-  for (const CUdeviceptr p : pointers) {
-    if (p % 16 != 0) {
-      return false;
-    }
-  }
-  if (a.half_dim % 16 != 0) {
-    return false;
-  }
-  for (int i = 0; i < kNumHintedStrides; ++i) {
-    if (a.strides[i] % 16 != 0) {
-      return false;
-    }
-  }
-  return true;
-}
-
-// The aligned variants also take every stride in 32 bits (aot_specs.ALIGNED_STRIDE_BITS): they
-// are chosen only when all strides fit. torch strides are never negative.
-bool strides_fit_int32(const KernelArgs& a) {
-  for (const int64_t stride : a.strides) {
-    if (stride > kInt32Max) {
-      return false;
-    }
-  }
-  return true;
-}
-
-// The kernel reads and writes the last dimension as contiguous; rope_inputs guarantees it for
-// the inputs and allocate_outputs for the outputs. Checked here because a violation would not
-// fail but write out of place.
-void check_unit_last_stride(const char* op, const char* name, const at::Tensor& t) {
-  // An empty tensor is never read or written, whatever its strides (an empty view of an expanded
-  // gradient keeps stride 0, and contiguous() leaves empty tensors as they are).
-  TORCH_CHECK(t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, op, ": internal error: ", name,
-              " reaches the CUDA launch with last-dimension stride ", t.stride(-1));
-}
-
-KernelArgs make_args(const char* op, const RopeInputs& in, const at::Tensor& q_out, const at::Tensor& k_out,
-                     int sin_sign) {
-  const at::Tensor& q = in.q;
-  const at::Tensor& k = in.k;
-  KernelArgs a{};
-  a.q_ptr = device_address(q);
-  a.k_ptr = device_address(k);
-  a.q_out_ptr = device_address(q_out);
-  a.k_out_ptr = device_address(k_out);
-  a.cos_ptr = device_address(in.cos);
-  a.sin_ptr = device_address(in.sin);
-  a.pos_ptr = in.positions.has_value() ? device_address(*in.positions) : 0;
-
-  a.seq_len = as_int32(op, "the sequence length", q.size(2));
-  a.n_heads_q = as_int32(op, "the number of q heads", q.size(1));
-  a.n_heads_k = as_int32(op, "the number of k heads", k.size(1));
-  a.half_dim = as_int32(op, "head_dim/2", q.size(3) / 2);
-  a.table_rows = as_int32(op, "the number of cos/sin rows", in.cos.size(1));
-  a.sin_sign = sin_sign;
-
-  // Batch, head and sequence strides (dims 0, 1, 2) of q, k, q_out and k_out, in that order.
-  const at::Tensor* const addressed[] = {&q, &k, &q_out, &k_out};
-  for (int t = 0; t < 4; ++t) {
-    for (int dim = 0; dim < 3; ++dim) {
-      a.strides[kQStrideB + 3 * t + dim] = kernel_stride(*addressed[t], dim);
-    }
-  }
-  a.strides[kCosStrideRow] = kernel_stride(in.cos, 1);
-  a.strides[kSinStrideRow] = kernel_stride(in.sin, 1);
-  a.strides[kCosStrideB] = kernel_stride(in.cos, 0);  // 0 for one table shared by every sequence
-  a.strides[kSinStrideB] = kernel_stride(in.sin, 0);
-  if (in.positions.has_value()) {
-    a.strides[kPosStrideB] = kernel_stride(*in.positions, 0);
-    a.strides[kPosStrideS] = kernel_stride(*in.positions, 1);
-  }
-  return a;
-}
-
 // The device's current stream, as c10::cuda::getCurrentCUDAStream(device).stream() gives it,
-// reached through torch's registered CUDA guard implementation so that this library needs no
-// link to c10_cuda or cudart. The native handle is a cudaStream_t, the same type as CUstream
+// reached through torch's registered CUDA guard implementation so that this library's code calls
+// no c10_cuda or cudart function. The native handle is a cudaStream_t, the same type as CUstream
 // (struct CUstream_st*), and goes to the driver as is, including 0 for the legacy default stream.
 CUstream current_stream(const c10::Device& device) {
   const c10::Stream stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
   return static_cast<CUstream>(stream.native_handle());
 }
 
-std::string describe_variant(const Variant& v) {
-  std::string out = std::string("q/k ") + dtype_name(v.qk) + ", cos/sin " +
-                    (v.table == TableDtype::kFloat32 ? "float32" : dtype_name(v.qk)) + ", BLOCK_D2 " +
-                    std::to_string(kBlockD2Values[v.block_d2_index]) + ", positions " + positions_name(v.pos) +
-                    (v.aligned ? ", aligned" : ", unaligned") + (v.even_d ? ", even" : "") +
-                    (v.narrow ? ", narrow grid" : ", wide grid") +
-                    " (variant " + std::to_string(v.index()) + ")";
-  return out;
-}
-
 }  // namespace
-
-void check_supported_on_cuda(const char* op, const RopeInputs& in) {
-  qk_dtype_of(op, in.q.scalar_type());
-  const int64_t head_dim = in.q.size(3);
-  TORCH_CHECK(head_dim / 2 <= kMaxHalfDim, op, ": head_dim above ", 2 * kMaxHalfDim,
-              " is not supported on CUDA (got ", head_dim, "; the CPU backend has no such limit)");
-  // The grid's limits that do not depend on the kernel chosen. (Expanded views can name that
-  // many tokens or heads without holding the memory; the outputs would.)
-  int64_t tokens = 0;
-  TORCH_CHECK(!__builtin_mul_overflow(in.q.size(0), in.q.size(2), &tokens) && tokens <= kInt32Max, op,
-              ": batch * seq_len (", in.q.size(0), " * ", in.q.size(2),
-              ") exceeds the CUDA grid limit of 2^31 - 1 tokens");
-  // The kernel counts heads in 32 bits, up to the end of the last block of at most kMaxBlockH.
-  const int64_t heads = in.q.size(1) + in.k.size(1);
-  TORCH_CHECK(heads <= kInt32Max - kMaxBlockH, op, ": q and k have ", in.q.size(1), " + ", in.k.size(1),
-              " heads, more than the CUDA kernel's 32-bit head index takes");
-}
-
-const ArchKernels* select_arch(int capability) {
-  const int major = capability / 10;
-  const int minor = capability % 10;
-  const ArchKernels* best = nullptr;
-  for (int i = 0; i < kNumBuiltArchs; ++i) {
-    const ArchKernels& candidate = kBuiltArchs[i];
-    if (candidate.arch == capability) {
-      return &candidate;
-    }
-    // Plain sm_8y cubins run on any 8.x with x >= y (binary compatibility within a major).
-    const bool runs_here = major < 9 && candidate.arch / 10 == major && candidate.arch % 10 <= minor;
-    if (runs_here && (best == nullptr || candidate.arch > best->arch)) {
-      best = &candidate;
-    }
-  }
-  return best;
-}
-
-std::string built_arch_list() {
-  if (kNumBuiltArchs == 0) {
-    return "no GPU architectures";
-  }
-  std::string out;
-  for (int i = 0; i < kNumBuiltArchs; ++i) {
-    out += (i == 0 ? "sm_" : ", sm_") + std::to_string(kBuiltArchs[i].arch);
-  }
-  return out;
-}
 
 void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, const at::Tensor& k_out,
                  int sin_sign) {
-  const int64_t batch = in.q.size(0);
-  const int64_t seq_len = in.q.size(2);
-  if (batch == 0 || seq_len == 0 || (in.q.size(1) == 0 && in.k.size(1) == 0)) {
+  if (in.q.size(0) == 0 || in.q.size(2) == 0 || (in.q.size(1) == 0 && in.k.size(1) == 0)) {
     return;  // nothing to rotate; an empty grid is not a valid launch
   }
-  check_unit_last_stride(op, "q", in.q);
-  check_unit_last_stride(op, "k", in.k);
-  check_unit_last_stride(op, "q_out", q_out);
-  check_unit_last_stride(op, "k_out", k_out);
-  check_unit_last_stride(op, "cos", in.cos);
-  check_unit_last_stride(op, "sin", in.sin);
-
-  KernelArgs args = make_args(op, in, q_out, k_out, sin_sign);
-  const int block_d2_index = block_d2_index_of(args.half_dim);
-  const bool strides_fit_32_bits = strides_fit_int32(args);
-  const bool aligned = alignment_hints_hold(args) && strides_fit_32_bits;
-  const bool narrow = batch * seq_len * (in.q.size(1) + in.k.size(1)) < kNarrowBelowHeadVectors;
-  // The even variants serve aligned wide grids whose rows fill BLOCK_D2 (head_dim 32, 64, 128,
-  // 256): aot_specs.Variant.is_built builds exactly those.
-  const bool even_d = aligned && !narrow && args.half_dim == kBlockD2Values[block_d2_index];
-  const Variant variant{qk_dtype_of(op, in.q.scalar_type()),
-                        table_dtype_of(op, in.cos.scalar_type(), in.q.scalar_type()),
-                        block_d2_index, positions_kind_of(in.positions), aligned, even_d, narrow};
-
   const int device = in.q.device().index();
-  const int capability = device_capability(op, device);
-  const ArchKernels* arch = select_arch(capability);
-  TORCH_CHECK(arch != nullptr, op, ": no kernel for this GPU (sm_", capability, "); this build has ",
-              built_arch_list());
-  const KernelImage& image = arch->kernels[variant.index()];
-  TORCH_CHECK(image.cubin != nullptr, op, ": this build has no sm_", arch->arch, " kernel for ",
-              describe_variant(variant));
+  LaunchPlan plan = plan_launch(op, in, q_out, k_out, sin_sign, device_capability(op, device));
+  const KernelImage& image = *plan.image;
   TORCH_CHECK(image.num_trailing_null_params >= 0 && image.num_trailing_null_params <= kMaxTrailingNullParams, op,
-              ": the sm_", arch->arch, " kernel ", image.function_name, " expects ", image.num_trailing_null_params,
+              ": the sm_", plan.arch, " kernel ", image.function_name, " expects ", image.num_trailing_null_params,
               " trailing scratch pointers; this launcher passes at most ", kMaxTrailingNullParams);
 
-  // A program rotates one block of block_h heads of one token, counted along q's heads followed
-  // by k's (a block may hold both); see rope_kernel.py.
-  TORCH_CHECK(image.block_h > 0 && image.block_h <= kMaxBlockH, op, ": internal error: the sm_", arch->arch,
-              " kernel ", image.function_name, " has heads-per-program value ", image.block_h);
-  const int64_t heads = in.q.size(1) + in.k.size(1);  // 32-bit head index: check_supported_on_cuda
-  const Grid grid = choose_grid(op, in, ceil_div(heads, image.block_h), image.block_h);
-  args.grid_order = static_cast<int32_t>(grid.order);
-
   make_primary_context_current(op, device);
-  const LoadedKernel& kernel = loaded_kernel(op, device, variant.index(), arch->arch, image);
+  const LoadedKernel& kernel = loaded_kernel(op, device, plan.variant.index(), plan.arch, image);
 
-  // The strides at the width this cubin declares them (checked against its PTX at build time).
-  TORCH_CHECK(image.stride_bits == 32 || image.stride_bits == 64, op, ": internal error: the sm_", arch->arch,
-              " kernel ", image.function_name, " declares ", image.stride_bits, "-bit strides");
-  const bool narrow_strides = image.stride_bits == 32;
-  TORCH_CHECK(!narrow_strides || strides_fit_32_bits, op, ": internal error: the sm_", arch->arch, " kernel ",
-              image.function_name, " takes 32-bit strides, and these do not fit");
-
+  KernelArgs& args = plan.args;
   // Triton's trailing scratch pointers: this kernel needs no scratch memory, so null.
   CUdeviceptr null_scratch[kMaxTrailingNullParams] = {};
   void* params[kNumKernelParams + kMaxTrailingNullParams] = {
@@ -393,9 +51,8 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
   };
   constexpr int kFirstStrideParam = 14;
   for (int i = 0; i < kNumStrideParams; ++i) {  // 14-31
-    args.strides32[i] = static_cast<int32_t>(args.strides[i]);
     params[kFirstStrideParam + i] =
-        narrow_strides ? static_cast<void*>(&args.strides32[i]) : static_cast<void*>(&args.strides[i]);
+        plan.narrow_strides ? static_cast<void*>(&args.strides32[i]) : static_cast<void*>(&args.strides[i]);
   }
   for (int i = 0; i < image.num_trailing_null_params; ++i) {
     params[kNumKernelParams + i] = &null_scratch[i];
@@ -404,10 +61,9 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
   const DriverApi& api = driver_api(op);
   const CUstream stream = current_stream(in.q.device());
   check_driver(api,
-               api.launch_kernel(kernel.function, static_cast<unsigned int>(grid.x), static_cast<unsigned int>(grid.y),
-                                 static_cast<unsigned int>(grid.z),
-                                 kernel.block_threads, 1, 1,
-                                 kernel.shared_bytes, stream, params, nullptr),
+               api.launch_kernel(kernel.function, static_cast<unsigned int>(plan.grid.x),
+                                 static_cast<unsigned int>(plan.grid.y), static_cast<unsigned int>(plan.grid.z),
+                                 kernel.block_threads, 1, 1, kernel.shared_bytes, stream, params, nullptr),
                op, "cuLaunchKernel");
 }
 

@@ -74,6 +74,8 @@ std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_functionalize(at::Tensor& q,
 
 }  // namespace
 
+ROPE_CHECK_SIGNATURE(fused_qk_inplace_functionalize, RotateInplace);
+
 TORCH_LIBRARY_IMPL(rope, Functionalize, m) {
   m.impl("fused_qk_", &fused_qk_inplace_functionalize);
 }

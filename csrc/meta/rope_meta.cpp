@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "rope_inplace.h"
+#include "op_handles.h"
 #include "rope_inputs.h"
 
 namespace rope_kernels {
@@ -41,6 +42,10 @@ std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_meta(at::Tensor& q, at::Tens
 }
 
 }  // namespace
+
+ROPE_CHECK_SIGNATURE(fused_qk_meta, Rotate);
+ROPE_CHECK_SIGNATURE(fused_qk_backward_meta, Rotate);
+ROPE_CHECK_SIGNATURE(fused_qk_inplace_meta, RotateInplace);
 
 TORCH_LIBRARY_IMPL(rope, Meta, m) {
   m.impl("fused_qk", &fused_qk_meta);
