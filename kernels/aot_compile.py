@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import importlib.util
+import importlib
 import io
 import json
 import os
@@ -23,8 +23,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import aot_specs
-from aot_specs import Variant
+from . import aot_specs
+from .aot_specs import Variant
 
 # Bump when the cached record format or the way a variant is compiled changes.
 CACHE_FORMAT = 3
@@ -153,11 +153,11 @@ def _compile(job: CompileJob) -> Any:
 
 @functools.cache
 def _load_kernel_module(path: str) -> ModuleType:
-    """Import rope_kernel.py by path (once per worker): Triton reads the source from its file."""
-    spec = importlib.util.spec_from_file_location("rope_kernel", path)
-    assert spec is not None and spec.loader is not None, path
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """The package's rope_kernel module (imported once per worker), which must be the file the
+    job names: that file's text is what the cache key hashes."""
+    module = importlib.import_module(f"{__package__}.rope_kernel")
+    if Path(module.__file__ or "").resolve() != Path(path).resolve():
+        raise RuntimeError(f"kernels.rope_kernel is {module.__file__}, not the file being compiled, {path}")
     return module
 
 

@@ -15,9 +15,9 @@ import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-import aot_specs
-from aot_compile import CompiledVariant
-from aot_specs import Variant
+from . import aot_specs
+from .aot_compile import CompiledVariant
+from .aot_specs import Variant
 
 TABLE_CPP = "rope_kernel_table.cpp"
 MANIFEST_JSON = "aot_manifest.json"
@@ -138,8 +138,6 @@ def _layout_asserts() -> list[str]:
 def _order_asserts() -> list[str]:
     """One assert per slot: a change of order on either side fails the build, not the launch."""
     out = [f"static_assert(kNumVariants == {aot_specs.NUM_VARIANTS}, \"variant count mismatch\");"]
-    out.append(f"static_assert(kNarrowBelowHeadVectors == {aot_specs.NARROW_BELOW_HEAD_VECTORS}, "
-               "\"grid class threshold mismatch\");")
     out.append(f'static_assert(kMaxBlockH == {aot_specs.MAX_BLOCK_H}, "heads-per-program limit mismatch");')
     for i, name in enumerate(aot_specs.GRID_ORDERS):
         enumerator = "k" + "".join(word.capitalize() for word in name.split("_"))

@@ -19,9 +19,10 @@ endif()
 # installed Triton version and its settings, which a file dependency cannot see. The outputs are
 # byproducts rewritten only when their content changes, so nothing downstream recompiles needlessly.
 add_custom_target(rope_aot_kernels
-  COMMAND "${Python3_EXECUTABLE}" "${CMAKE_CURRENT_SOURCE_DIR}/kernels/build_aot.py"
+  COMMAND "${Python3_EXECUTABLE}" -m kernels.build_aot
           --out-dir "${ROPE_AOT_DIR}" --cache-dir "${ROPE_AOT_CACHE_DIR}"
           --archs "${_rope_archs}" ${_rope_aot_jobs}
+  WORKING_DIRECTORY "${CMAKE_CURRENT_SOURCE_DIR}"
   BYPRODUCTS "${ROPE_AOT_TABLE_SOURCE}" "${ROPE_AOT_DIR}/aot_manifest.json"
   COMMENT "Compiling the Triton kernels ahead of time (sm ${_rope_archs})"
   USES_TERMINAL

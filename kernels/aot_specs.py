@@ -44,8 +44,8 @@ ALIGNED_HINTED_PARAMS = (
 # An aligned variant also takes every stride as a 32-bit integer, which the launcher promises by
 # choosing it only when all of them fit. Multiplied by 32-bit indices, a 32-bit stride gives the
 # 64-bit offset in one widening multiply instead of a 64-bit one (several instructions, many per
-# program); measured on an H200 (bench/NOTES.md): small-prefill 1.26 -> 1.17x the copy floor,
-# llama8b-train 1.05 -> 1.03. The general variants keep 64-bit strides, so any view still runs.
+# program; docs/performance.md has the measurement). The general variants keep 64-bit strides,
+# so any view still runs.
 ALIGNED_STRIDE_BITS = 32
 GENERAL_STRIDE_BITS = 64
 
@@ -55,20 +55,17 @@ TABLE_DTYPES = ("same", "fp32")  # TableDtype: kSameAsQk, kFloat32
 BLOCK_D2_VALUES = (16, 32, 64, 128)  # kBlockD2Values
 POS_KINDS = ("none", "int32", "int64")  # PosKind
 ALIGNED = (False, True)
-# Whether half_dim equals BLOCK_D2, so that q and k need a mask along the heads only: a mask of
-# heads and features both costs 2 % of llama8b-train's kernel time on an H200 (bench/NOTES.md).
-# Used by aligned wide-grid launches only; see Variant.is_built.
+# Whether half_dim equals BLOCK_D2, so that q and k need a mask along the heads only (a mask of
+# heads and features both is measurably slower on wide grids: docs/performance.md). Used by
+# aligned wide-grid launches only; see Variant.is_built.
 EVEN_D = (False, True)
 # An aligned launch promises half_dim a multiple of this; so where no other multiple lies between
 # BLOCK_D2 and the BLOCK_D2 below it (16 and 32), every aligned launch is an even one.
 ALIGNED_HALF_DIM_MULTIPLE = 16
 # Grid classes: "wide" launches (many programs: bandwidth-bound) and "narrow" ones (few programs:
-# decode and short prefill, latency-bound) get their own launch shape. The launcher's rule for
-# which is which is kNarrowBelowHeadVectors in kernel_table.h.
+# decode and short prefill, latency-bound) get their own launch shape. Which launch is which is
+# the launcher's rule (kNarrowBelowHeadVectors in csrc/cuda/kernel_table.h; rope::_launch_plan).
 GRID_CLASSES = ("wide", "narrow")
-# The launcher's rule: fewer head vectors than this (tokens x (q heads + k heads)) is narrow.
-# kernel_table.h holds the same number as kNarrowBelowHeadVectors (the generated table asserts it).
-NARROW_BELOW_HEAD_VECTORS = 16384
 
 NUM_VARIANTS = (len(QK_DTYPES) * len(TABLE_DTYPES) * len(BLOCK_D2_VALUES) * len(POS_KINDS) * len(ALIGNED)
                 * len(EVEN_D) * len(GRID_CLASSES))
@@ -99,10 +96,10 @@ class LaunchShape:
             raise ValueError(f"block_h {self.block_h} must be a power of two <= {MAX_BLOCK_H}")
 
 
-# Key: (bytes per q/k element, BLOCK_D2, narrow grid). Measured with `python -m bench.tune` on an
-# H200 (sm_90), 2026-11-29; bench/NOTES.md has the figures. Where no workload of the benchmark
-# measured a key, the entry keeps the per-thread work of its measured neighbour (the same pairs of
-# elements per thread and warps), marked "by analogy".
+# Key: (bytes per q/k element, BLOCK_D2, narrow grid). Chosen with `python -m kernels.tune` on an
+# H200 (sm_90); docs/performance.md has the figures. Where no workload of the benchmark measured a
+# key, the entry keeps the per-thread work of its measured neighbour (the same pairs of elements
+# per thread and warps), marked "by analogy".
 SM90_LAUNCH_SHAPES: dict[tuple[int, int, bool], LaunchShape] = {
     # 16-bit q/k, wide grids: two warps, 8 to 16 pairs per thread (16-byte accesses).
     (2, 16, False): LaunchShape(block_h=32, num_warps=2),  # by analogy
@@ -253,34 +250,6 @@ def all_variants() -> Iterator[Variant]:
 
 def built_variants() -> list[Variant]:
     return [v for v in all_variants() if v.is_built]
-
-
-# The launcher's choice of a slot, as csrc/cuda/rope_launch.cpp makes it. The C++ is what runs;
-# this copy lets tests/test_aot_specs.py check that every launch it can ask for is built, and
-# lets bench/tune.py time the variants the library would launch (tests/test_launch_plan.py
-# compares the grids and blocks of both on a GPU).
-
-
-def block_d2_index_of(half_dim: int) -> int:
-    """Index of the smallest BLOCK_D2 that holds half_dim (block_d2_index_of in C++)."""
-    return next(i for i, value in enumerate(BLOCK_D2_VALUES) if value >= half_dim)
-
-
-def is_narrow_grid(tokens: int, heads: int) -> bool:
-    """Whether a launch of `tokens` tokens of `heads` q and k heads takes the narrow grid class."""
-    return tokens * heads < NARROW_BELOW_HEAD_VECTORS
-
-
-def launcher_even_d(half_dim: int, aligned: bool, narrow: bool) -> bool:
-    """Whether the launcher takes the even variant: an aligned wide-grid launch whose half_dim
-    fills its BLOCK_D2."""
-    return aligned and not narrow and half_dim == BLOCK_D2_VALUES[block_d2_index_of(half_dim)]
-
-
-def launcher_variant(qk: int, table: int, half_dim: int, pos: int, aligned: bool, narrow: bool) -> Variant:
-    """The slot the launcher asks for (indices on the dtype, table and position axes as given)."""
-    return Variant(qk, table, block_d2_index_of(half_dim), pos, aligned, launcher_even_d(half_dim, aligned, narrow),
-                   narrow)
 
 
 def is_optional_arch(arch: int) -> bool:

@@ -1,6 +1,6 @@
 """Ahead-of-time build of the RoPE kernels: Triton source -> cubins -> C++ sources for the launcher.
 
-    python kernels/build_aot.py --out-dir DIR --cache-dir DIR [--archs 80,86,89,90,100,120] [--jobs N]
+    python -m kernels.build_aot --out-dir DIR --cache-dir DIR [--archs 80,86,89,90,100,120] [--jobs N]
 
 Compiles every variant of aot_specs for every architecture (no GPU or driver needed) and writes
 rope_kernel_table.cpp, cubins_sm<arch>.bin and aot_manifest.json into --out-dir. Compiled cubins
@@ -18,9 +18,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
-import aot_emit
-import aot_specs
-from aot_compile import (
+from . import aot_emit
+from . import aot_specs
+from .aot_compile import (
     CompiledVariant,
     CompileJob,
     JobResult,

@@ -54,3 +54,11 @@ def run_fresh_python(code: str, *argv: str, timeout: float = 300.0) -> str:
     assert proc.returncode == 0, (
         f"fresh process exited with {proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}")
     return proc.stdout
+
+# The repository's tools (kernels/, bench/) beside the tests: true in a source checkout, false in
+# a copy of tests/ run against an installed wheel. Where true, they are importable as packages.
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+HAS_SOURCE_TREE = os.path.exists(os.path.join(REPO_ROOT, "kernels", "__init__.py")) and \
+    os.path.exists(os.path.join(REPO_ROOT, "bench", "__init__.py"))
+if HAS_SOURCE_TREE and REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)

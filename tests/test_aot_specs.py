@@ -1,69 +1,80 @@
 """The AOT build's specialization table (kernels/aot_specs.py) against what the launcher asks of it.
 
-The CUDA launcher (csrc/cuda/rope_launch.cpp) picks a variant by plain arithmetic and raises
-"this build has no ... kernel" where the table left that slot unbuilt, so a slot dropped by
-mistake would fail only on a GPU, and only for the inputs that need it. These checks run
-anywhere: every input the launcher accepts must map to a built slot.
+The CUDA launcher picks a variant by plain arithmetic (plan_launch in csrc/cuda/launch_plan.cpp)
+and raises "this build has no ... kernel" where the table left that slot unbuilt, so a slot
+dropped by mistake would fail only on a GPU, and only for the inputs that need it. These checks
+run anywhere, through the launcher's own plan (rope::_launch_plan): every input the launcher
+accepts must map to a built slot, and every built slot must serve some input.
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-from typing import Iterator, Tuple
+import json
+from typing import Dict, Iterator, Optional, Tuple
 
 import pytest
+import torch
 
-KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
-# The tests also run from a copy of tests/ against an installed wheel, where the build's sources
-# are not beside them; the table is tested from the source tree only.
-if not (KERNELS_DIR / "aot_specs.py").exists():
+from rope_env import HAS_SOURCE_TREE
+
+if not HAS_SOURCE_TREE:
+    # The tests also run from a copy of tests/ against an installed wheel, where the build's
+    # sources are not beside them; the table is tested from the source tree only.
     pytest.skip("kernels/ is the build's source: not beside this copy of the tests", allow_module_level=True)
 
+import rope_kernels  # noqa: E402,F401  (loads the op library)
+from kernels import aot_specs as specs  # noqa: E402
+from rope_kernels.launch_plan import launch_plan  # noqa: E402
 
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("rope_build_" + name, KERNELS_DIR / (name + ".py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
+CUDA_KERNELS: Optional[Dict[str, object]] = json.loads(torch.ops.rope.build_info())["cuda_kernels"]
+requires_cuda_build = pytest.mark.skipif(CUDA_KERNELS is None, reason="a build without the CUDA path")
 
-
-specs = _load("aot_specs")
-
-# The launcher's limit: head_dim up to 256 on CUDA, so half_dim up to the largest BLOCK_D2.
-HALF_DIMS = range(1, specs.BLOCK_D2_VALUES[-1] + 1)
+QK_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+POSITIONS = {"none": None, "int32": torch.int32, "int64": torch.int64}
+# The smallest number of head vectors (tokens x heads) that takes the wide grid class.
+WIDE_HEADS = 16384
 
 
-def launches() -> Iterator[Tuple[str, object]]:
-    """Every (description, variant) the launcher can ask for."""
-    for qk, qk_name in enumerate(specs.QK_DTYPES):
-        # A float32 table for float32 q is the "same dtype" slot (table_dtype_of in the launcher).
-        tables = [0] if qk_name == "fp32" else list(range(len(specs.TABLE_DTYPES)))
-        for table in tables:
-            for half_dim in HALF_DIMS:
-                # The aligned promise includes half_dim % 16 == 0 (alignment_hints_hold).
+def _heads(dtype: torch.dtype, heads: int, head_dim: int, aligned: bool) -> torch.Tensor:
+    """(1, heads, 1, head_dim) q or k, as an expanded view (no memory per head): planned in place,
+    nothing is allocated. Unaligned: one element past an aligned start."""
+    base = torch.randn(head_dim + 1, dtype=dtype)
+    start = 0 if aligned else 1
+    return base[start:start + head_dim].view(1, 1, 1, head_dim).expand(1, heads, 1, head_dim)
+
+
+def launches(arch: int) -> Iterator[Tuple[str, int]]:
+    """(description, variant index) of every kind of launch the op accepts on CUDA."""
+    for qk_name, qk in QK_DTYPES.items():
+        # A float32 table for float32 q is the "same dtype" slot.
+        tables = [qk] if qk == torch.float32 else [qk, torch.float32]
+        for table_dtype in tables:
+            for half_dim in range(1, CUDA_KERNELS["max_head_dim"] // 2 + 1):  # type: ignore[index,operator]
+                head_dim = 2 * half_dim
+                # Aligned launches need half_dim % 16 == 0 as well (alignment_hints_hold).
                 for aligned in ((False, True) if half_dim % 16 == 0 else (False,)):
-                    for pos in range(len(specs.POS_KINDS)):
+                    angles = torch.rand(4, half_dim, dtype=torch.float64)
+                    cos, sin = angles.cos().to(table_dtype), angles.sin().to(table_dtype)
+                    for pos_name, pos_dtype in POSITIONS.items():
+                        positions = None if pos_dtype is None else torch.tensor([[2]], dtype=pos_dtype)
                         for narrow in (False, True):
-                            variant = specs.launcher_variant(qk, table, half_dim, pos, aligned, narrow)
-                            yield f"{qk_name} table {specs.TABLE_DTYPES[table]} half_dim {half_dim} " \
-                                  f"{specs.POS_KINDS[pos]} aligned={aligned} narrow={narrow}", variant
+                            heads_q = 1 if narrow else WIDE_HEADS - 1
+                            q = _heads(qk, heads_q, head_dim, aligned)
+                            k = _heads(qk, 1, head_dim, aligned)
+                            plan = launch_plan(q, k, cos, sin, positions, capability=arch, inplace=True)
+                            assert (plan.aligned, plan.narrow) == (aligned, narrow)
+                            yield (f"{qk_name} table {table_dtype} half_dim {half_dim} {pos_name} "
+                                   f"aligned={aligned} narrow={narrow}"), plan.variant
 
 
-def test_every_launch_has_a_built_kernel() -> None:
-    missing = [text for text, variant in launches() if not variant.is_built]
-    assert not missing, f"{len(missing)} launches would find no kernel, e.g. {missing[:3]}"
-
-
-def test_every_built_kernel_serves_some_launch() -> None:
-    # The other direction: a built slot no launch can reach is compile time and wheel size for
-    # nothing (each costs one cubin per architecture).
-    reached = {variant.index for _, variant in launches()}
-    unreachable = [v.label() for v in specs.built_variants() if v.index not in reached]
-    assert not unreachable, f"built but never launched: {unreachable[:5]}"
+@requires_cuda_build
+def test_every_launch_has_a_built_kernel_and_every_built_kernel_a_launch() -> None:
+    # plan_launch raises where a slot it chooses was not built; the other direction: a built slot
+    # no launch reaches is compile time and wheel size for nothing (one cubin per architecture).
+    for arch in CUDA_KERNELS["architectures"]:  # type: ignore[index,union-attr]
+        reached = {variant for _, variant in launches(arch)}
+        unreachable = [v.label() for v in specs.built_variants() if v.index not in reached]
+        assert not unreachable, f"sm_{arch}: built but never launched: {unreachable[:5]}"
+        assert reached <= {v.index for v in specs.built_variants()}
 
 
 def test_indices_enumerate_the_table_in_order() -> None:
@@ -85,7 +96,7 @@ def test_parameter_widths_follow_the_signature(aligned: bool) -> None:
 
 def test_kernel_parameters_and_grid_orders_match_the_table() -> None:
     pytest.importorskip("triton")
-    kernel_module = _load("rope_kernel")
+    from kernels import rope_kernel as kernel_module
     kernel = getattr(kernel_module, specs.KERNEL_NAME)
     assert list(kernel.arg_names) == list(specs.RUNTIME_PARAMS + specs.CONSTEXPR_PARAMS)
     for value, name in enumerate(specs.GRID_ORDERS):

@@ -36,9 +36,9 @@ static_assert(variant_index(QkDtype::kFloat32, TableDtype::kFloat32, kNumBlockD2
 
 // A launch rotating fewer head vectors (tokens x (q heads + k heads)) than this is latency-bound
 // (decode, short prefill) and takes the narrow-grid kernels, whose launch shape puts more warps on
-// fewer heads; larger launches are bandwidth-bound and take the wide-grid ones. Measured ends:
-// small-prefill (5120 head vectors) runs faster narrow, seed-example (131072) wide.
-// aot_specs.NARROW_BELOW_HEAD_VECTORS is the same number (the generated table asserts it).
+// fewer heads; larger launches are bandwidth-bound and take the wide-grid ones (the threshold lies
+// between the measured ends, small-prefill and seed-example: docs/performance.md). plan_launch
+// (launch_plan.cpp) is the one place that applies it.
 constexpr long long kNarrowBelowHeadVectors = 16384;
 
 // The largest heads-per-program value (BLOCK_H) of any kernel: the launcher checks head counts

@@ -1,4 +1,4 @@
-"""`python -m bench.tune`: measure every launch shape of the RoPE kernel on this GPU.
+"""`python -m kernels.tune`: measure every launch shape of the RoPE kernel on this GPU.
 
 The library runs cubins compiled ahead of time with one launch shape (heads per program,
 warps) per architecture, element size, head-dim block and grid class, from the table in
@@ -18,28 +18,27 @@ key, each in the program order the launcher picks for its layout (graph time bre
 2%), and prints the rows to put into aot_specs.SM90_LAUNCH_SHAPES (or a table for another arch).
 
 Needs a CUDA GPU and Triton. The library itself is timed alongside when it can be imported
-(`ours`), so a run also shows what the shipped table gives.
+(`ours`), so a run also shows what the shipped table gives. The grid, program order and even
+variant of every candidate come from the library's launch plan (rope::_launch_plan), so the tuner
+times exactly the launches the library would make with that shape.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .library import REPO_ROOT, import_rope_kernels
-from .reference import check_rotation
-from .timing import FULL, QUICK, Figure, make_timer
-from .workloads import WORKLOADS, Inputs, Workload, make_inputs, workload_by_name
+from bench.library import import_rope_kernels
+from bench.reference import check_rotation
+from bench.timing import FULL, QUICK, Figure, make_timer
+from bench.workloads import WORKLOADS, Inputs, Workload, make_inputs, workload_by_name
 
-KERNEL_PATH: Path = REPO_ROOT / "kernels" / "rope_kernel.py"
-SPECS_PATH: Path = REPO_ROOT / "kernels" / "aot_specs.py"
+from . import aot_specs
 
 # Rotation pairs (BLOCK_H x BLOCK_D2) per thread a candidate may hold: below 2 most lanes idle,
 # above 64 registers spill; both ends are slow for certain, so they are not worth compiling.
@@ -62,27 +61,7 @@ class Shape:
         return "h{}w{}".format(self.block_h, self.num_warps)
 
 
-def launcher_heads_fastest(q: torch.Tensor) -> bool:
-    """The order the library's launcher picks (csrc/cuda/rope_launch.cpp): heads fastest unless
-    the heads of a token lie further apart than its neighbouring tokens (a (B, H, S, D) layout)."""
-    return q.size(2) == 1 or q.stride(1) <= q.stride(2)
-
-
-def load_source_module(path: Path, name: str) -> Any:
-    """A module of the repository's build sources (kernels/), which is not a package, by its path."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None, path
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
-
-
-# The build's specialization table, and its copy of the launcher's choice of a variant.
-SPECS: Any = load_source_module(SPECS_PATH, "rope_aot_specs")
-
-
-def specialized_like_aot(kernel: Any, specs: Any) -> Any:
+def specialized_like_aot(kernel: Any) -> Any:
     """The kernel re-wrapped so that Triton's JIT specializes only what the AOT build hints.
 
     By default the JIT compiles a separate kernel for an integer argument equal to 1 and assumes
@@ -96,9 +75,9 @@ def specialized_like_aot(kernel: Any, specs: Any) -> Any:
     """
     import triton
 
-    hinted = set(specs.ALIGNED_HINTED_PARAMS)
-    scalars = [name for name in specs.I32_PARAMS + specs.STRIDE_PARAMS if name not in hinted]
-    pointers = [name for name in specs.POINTER_PARAMS if name not in hinted]
+    hinted = set(aot_specs.ALIGNED_HINTED_PARAMS)
+    scalars = [name for name in aot_specs.I32_PARAMS + aot_specs.STRIDE_PARAMS if name not in hinted]
+    pointers = [name for name in aot_specs.POINTER_PARAMS if name not in hinted]
     return triton.jit(kernel.fn, do_not_specialize=scalars, do_not_specialize_on_alignment=pointers)
 
 
@@ -113,32 +92,19 @@ def candidate_shapes(block_d2: int, block_hs: List[int], warps: List[int]) -> Li
     return shapes
 
 
-# CUDA's limit on a grid's y and z extents.
-MAX_GRID_YZ: int = 65535
+def launcher(kernel: Any, inputs: Inputs, q_out: torch.Tensor, k_out: torch.Tensor, shape: Shape,
+             capability: int) -> Callable[[], None]:
+    """A no-argument call of the JIT kernel on these tensors (forward rotation) with this shape,
+    launched as the library's plan says it would launch that shape."""
+    from rope_kernels.launch_plan import launch_plan
 
-
-def launch_grid(batch: int, seq: int, n_blocks: int, heads_fastest: bool) -> Tuple[Tuple[int, int, int], int]:
-    """The grid and grid_order value the library's launcher uses (choose_grid in
-    csrc/cuda/rope_launch.cpp); grid_order numbers aot_specs.GRID_ORDERS."""
-    if batch <= MAX_GRID_YZ:
-        if heads_fastest and seq <= MAX_GRID_YZ:
-            return (n_blocks, seq, batch), 1
-        if not heads_fastest and n_blocks <= MAX_GRID_YZ:
-            return (seq, n_blocks, batch), 2
-    return (batch * seq * n_blocks, 1, 1), 0
-
-
-def launcher(kernel: Any, inputs: Inputs, q_out: torch.Tensor, k_out: torch.Tensor, block_d2: int,
-             shape: Shape, narrow: bool) -> Callable[[], None]:
-    """A no-argument call of the JIT kernel on these tensors (forward rotation), specialized as the
-    library's launcher picks for them (the workloads' inputs are all aligned)."""
     q, k = inputs.q.detach(), inputs.k.detach()
     cos, sin, pos = inputs.table_cos, inputs.table_sin, inputs.positions
-    batch, heads_q, seq, head_dim = q.shape
+    _, heads_q, seq, head_dim = q.shape
     heads_k = k.shape[1]
-    n_blocks = -(-(heads_q + heads_k) // shape.block_h)  # q's heads then k's, one axis
-    grid, grid_order = launch_grid(batch, seq, n_blocks, shape.heads_fastest)
-    even_d = SPECS.launcher_even_d(head_dim // 2, True, narrow)
+    plan = launch_plan(q, k, cos, sin, pos, capability=capability, block_h=shape.block_h,
+                       heads_fastest=shape.heads_fastest)
+    grid, grid_order, block_d2, even_d = plan.grid, plan.grid_order, plan.block_d2, plan.even_d
     pos_arg = pos if pos is not None else q  # never read without HAS_POS
     pos_strides = (pos.stride(0), pos.stride(1)) if pos is not None else (0, 0)
 
@@ -159,28 +125,32 @@ def launcher(kernel: Any, inputs: Inputs, q_out: torch.Tensor, k_out: torch.Tens
     return call
 
 
-def tune_workload(workload: Workload, shapes: List[Shape], kernel: Any, block_d2: int, timer: Any,
-                  ours: Optional[Any], log: Callable[[str], None]) -> Dict[str, Any]:
+def tune_workload(workload: Workload, block_hs: List[int], warps: List[int], kernel: Any, timer: Any,
+                  capability: int, ours: Optional[Any], log: Callable[[str], None]) -> Dict[str, Any]:
+    from rope_kernels.launch_plan import launch_plan
+
     device = timer.device
     inputs = make_inputs(workload, device)
+    plan = launch_plan(inputs.q.detach(), inputs.k.detach(), inputs.table_cos, inputs.table_sin, inputs.positions,
+                       capability=capability)
+    shapes = candidate_shapes(plan.block_d2, block_hs, warps)
     q_out = torch.empty_like(inputs.q.detach())
     k_out = torch.empty_like(inputs.k.detach())
     cos_half, sin_half = inputs.reference_angles()
     source = torch.randn(inputs.q.numel() + inputs.k.numel(), dtype=workload.dtype, device=device)
     target = torch.empty_like(source)
     figures = [Figure("floor", lambda: target.copy_(source))]
-    record: Dict[str, Any] = {"shape": workload.describe(), "block_d2": block_d2, "results": {},
+    record: Dict[str, Any] = {"shape": workload.describe(), "block_d2": plan.block_d2, "results": {},
                               "element_size": inputs.q.element_size(),
-                              "heads_fastest": launcher_heads_fastest(inputs.q),
-                              "narrow": SPECS.is_narrow_grid(workload.batch * workload.seq,
-                                                             workload.heads_q + workload.heads_k)}
+                              "heads_fastest": plan.grid_order != 2,  # aot_specs.GRID_ORDERS
+                              "narrow": plan.narrow}
 
     calls: Dict[str, Callable[[], None]] = {}
     if ours is not None:
         q, k = inputs.q.detach(), inputs.k.detach()
         calls["ours"] = lambda: ours(q, k, inputs.table_cos, inputs.table_sin, inputs.positions)
     for shape in shapes:
-        call = launcher(kernel, inputs, q_out, k_out, block_d2, shape, record["narrow"])
+        call = launcher(kernel, inputs, q_out, k_out, shape, capability)
         q_out.fill_(float("nan"))
         k_out.fill_(float("nan"))
         call()
@@ -259,7 +229,7 @@ def recommend(records: Dict[str, Dict[str, Any]]) -> Dict[int, Dict[str, Any]]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.tune", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kernels.tune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", default="all", help="comma-separated names (default: all)")
     parser.add_argument("--block-h", default="1,2,4,8,16,32,64", help="heads per program to try")
     parser.add_argument("--warps", default="1,2,4,8,16", help="warps per program to try")
@@ -269,13 +239,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
 
-    kernel = specialized_like_aot(getattr(load_source_module(KERNEL_PATH, "rope_kernel"), SPECS.KERNEL_NAME), SPECS)
-    try:
-        import_rope_kernels()
-        ours: Optional[Any] = torch.ops.rope.fused_qk
-    except Exception as error:  # noqa: BLE001  (the kernels can be tuned before the library builds)
-        print("rope_kernels not importable, 'ours' left out: {}".format(error))
-        ours = None
+    from . import rope_kernel
+
+    kernel = specialized_like_aot(getattr(rope_kernel, aot_specs.KERNEL_NAME))
+    # The library's launch plan places every candidate, and its op is timed as `ours`.
+    import_rope_kernels()
+    ours: Optional[Any] = torch.ops.rope.fused_qk
 
     device = torch.device("cuda", torch.cuda.current_device())
     timer = make_timer(device, QUICK if args.quick else FULL)
@@ -283,14 +252,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     block_hs = [int(x) for x in args.block_h.split(",")]
     warps = [int(x) for x in args.warps.split(",")]
     capability = torch.cuda.get_device_capability(device)
+    arch = 10 * capability[0] + capability[1]
     print("{} (sm_{}{}), torch {}".format(torch.cuda.get_device_name(device), *capability, torch.__version__))
 
     records: Dict[str, Dict[str, Any]] = {}
     for name in names:
         workload = workload_by_name(name)
-        block_d2 = SPECS.BLOCK_D2_VALUES[SPECS.block_d2_index_of(workload.head_dim // 2)]
-        shapes = candidate_shapes(block_d2, block_hs, warps)
-        record = tune_workload(workload, shapes, kernel, block_d2, timer, ours, print)
+        record = tune_workload(workload, block_hs, warps, kernel, timer, arch, ours, print)
         record["name"] = name
         records[name] = record
         print_workload(name, record, print)
