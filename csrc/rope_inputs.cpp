@@ -99,8 +99,8 @@ void check_positions(const char* op, const at::Tensor& q, const at::Tensor& posi
 }
 
 // The CUDA kernels' limits (the dtypes they are built for, the largest head-dim block of the
-// kernel table). Checked here, for every backend, so that fake CUDA tensors (torch.compile,
-// torch.export) are refused at trace time with the message real ones get.
+// kernel table). Checked here, for every backend that sees a CUDA tensor. (The Meta kernel sees
+// meta tensors, whose device says nothing of where they will run.)
 void check_cuda_limits(const char* op, const at::Tensor& q) {
   if (!q.is_cuda()) {
     return;

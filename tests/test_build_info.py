@@ -41,3 +41,11 @@ def test_architectures_and_kernels() -> None:
     assert len(set(architectures)) == len(architectures), f"an architecture is listed twice: {architectures}"
     assert info["variants_per_architecture"] == VARIANTS_PER_ARCHITECTURE
     assert info["kernels"] == len(architectures) * VARIANTS_PER_ARCHITECTURE
+
+
+def test_cuda_limits_are_reported() -> None:
+    # The largest head_dim follows from the kernel table's largest head-dim block (128 pairs);
+    # tests/test_errors.py checks on a GPU that one pair more is refused with this number.
+    info = rope_kernels.build_info()
+    assert info["cuda_max_head_dim"] == 256
+    assert info["cuda_dtypes"] == ["float16", "bfloat16", "float32"]

@@ -118,7 +118,9 @@ BAD_INPUTS = [
     BadInput("more_heads_than_32_bits_count", lambda d: expanded(d, batch=1, heads_q=2**31 - 64, seq=1),
              r"q and k have 2147483584 \+ 1 heads, more than the CUDA kernel's 32-bit head index takes",
              devices=("cuda",)),
-    BadInput("head_dim_over_256_on_cuda", lambda d: valid(d, head_dim=258), r"head_dim above 256 is not supported on CUDA",
+    BadInput("head_dim_over_the_built_limit_on_cuda",
+             lambda d: valid(d, head_dim=rope_kernels.build_info()["cuda_max_head_dim"] + 2),
+             r"head_dim above 256 is not supported on CUDA",
              devices=("cuda",)),
 ]
 

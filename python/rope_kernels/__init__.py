@@ -94,4 +94,6 @@ def build_info() -> Dict[str, Any]:
     info["architectures"] = list(kernels.get("architectures", []))
     info["variants_per_architecture"] = kernels.get("variants_per_architecture", 0)
     info["kernels"] = kernels.get("kernels", 0)
+    info["cuda_max_head_dim"] = kernels.get("max_head_dim", 0)
+    info["cuda_dtypes"] = list(kernels.get("dtypes", []))
     return info

@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._compat_inputs import as_table, token_positions
+from . import _limits
 
 
 
@@ -77,8 +78,9 @@ def _op_serves(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     head_dim = q.size(-1)
     if width % 2 != 0 or width > head_dim or head_dim != k.size(-1) or width == 0:
         return False
-    # The CUDA kernels' limits (the CPU has none): rotated width up to 256, no float64.
-    if on_cuda and (width > 256 or dtype == torch.float64):
+    # The CUDA kernels' limits, as the build reports them (the CPU has none). Read as attributes
+    # of their module, which TorchScript takes as constants.
+    if on_cuda and (width > _limits.CUDA_MAX_HEAD_DIM or (dtype == torch.float64 and not _limits.CUDA_TAKES_FLOAT64)):
         return False
     if cos.dim() == 3:  # per token: (batch or 1, seq, width)
         return cos.size(1) == seq and (cos.size(0) == 1 or cos.size(0) == q.size(0))

@@ -108,6 +108,28 @@ void gradients_match_reference(const at::Device& device) {
   expect_close(grad_k, want_k, 1e-5, 1e-5, what + ", fused_qk_backward k");
 }
 
+// fused_qk_ rotates q and k where they lie (here transposed views of projections) and returns
+// them: the same values as the functional op, in the caller's own storage.
+void in_place_matches_reference(const at::Device& device, at::ScalarType dtype) {
+  const std::string what = std::string("in place on ") + device.str() + " " + c10::toString(dtype);
+  at::Tensor q = projection_heads(kHeadsQ, dtype, device);
+  at::Tensor k = projection_heads(kHeadsK, dtype, device);
+  const at::Tensor q_before = q.clone();
+  const at::Tensor k_before = k.clone();
+  const void* q_storage = q.data_ptr();
+  const at::Tensor angles = rope_angles(kTableRows, kHeadDim);
+  const at::Tensor cos = angles.cos().to(device, at::kFloat);
+  const at::Tensor sin = angles.sin().to(device, at::kFloat);
+  const at::Tensor rows = at::randint(0, kTableRows, {kBatch, kSeq}, at::kLong);
+
+  const auto [q_rotated, k_rotated] = rope_kernels::fused_qk_(q, k, cos, sin, rows.to(device));
+  expect(q_rotated.is_same(q) && k_rotated.is_same(k), what + ": fused_qk_ did not return q and k themselves");
+  expect(q.data_ptr() == q_storage && !q.is_contiguous(), what + ": q no longer the caller's transposed view");
+  const Tolerance tol = tolerance(dtype);
+  expect_close(q, reference_rotate(q_before, cos, sin, rows, false), tol.rtol, tol.atol, what + ", q");
+  expect_close(k, reference_rotate(k_before, cos, sin, rows, false), tol.rtol, tol.atol, what + ", k");
+}
+
 void bad_input_raises_a_clear_error(const at::Device& device) {
   const at::Tensor odd = at::randn({1, 2, 3, 7}).to(device);  // head_dim 7 is odd
   const at::Tensor table = at::randn({8, 4}).to(device);
@@ -135,6 +157,8 @@ int main() {
         forward_matches_reference(device, dtype, false);
       }
       gradients_match_reference(device);
+      in_place_matches_reference(device, at::kFloat);
+      in_place_matches_reference(device, at::kBFloat16);
       bad_input_raises_a_clear_error(device);
       std::cout << "checked on " << device << std::endl;
     }
