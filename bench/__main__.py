@@ -1,4 +1,4 @@
-"""`python -m bench`: see bench/run.py and bench/NOTES.md."""
+"""`python -m bench`: see bench/run.py and docs/performance.md."""
 import sys
 
 from bench.run import main

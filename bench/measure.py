@@ -16,9 +16,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .candidates import DIRECTIONS, BoundCall, Candidate
-from .reference import check_rotation
 from .timing import Figure, Measured, Timer
 from .workloads import Inputs, Workload, make_inputs
+
+# After .workloads, which finds rope_kernels (installed, or built in place in python/).
+from rope_kernels.testing import check_rotation  # noqa: E402
 
 # Host time of a call whose wall time is unknown: sizes the loop only.
 DEFAULT_ESTIMATE_US: float = 100.0

@@ -209,7 +209,7 @@ def text_report(results: Dict[str, Any]) -> str:
 def markdown_report(results: Dict[str, Any]) -> str:
     parts = ["# RoPE benchmark", "", headline(results) + ".", "",
              "Ratios are time / time of a plain copy of the same bytes, measured the same way in the same run "
-             "(1.00 = the memory system's limit); see bench/NOTES.md for the method."]
+             "(1.00 = the memory system's limit); see docs/performance.md for the method."]
     for table in summary_tables(results) + [detail_table(results)]:
         parts += ["", format_markdown_table(table)]
     problems = failures(results)

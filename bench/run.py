@@ -59,7 +59,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--flush", choices=sorted(FLUSHES), default="write",
                         help="how the L2 is emptied before each timed call: write (a zero_() of 256 MB, "
                              "the default and the definition the results use) or read (a max over it, "
-                             "which leaves no dirty lines for the call to write back; bench/NOTES.md)")
+                             "which leaves no dirty lines for the call to write back; docs/performance.md)")
     args = parser.parse_args(argv)
 
     args.workload_list = _pick(parser, args.workloads, [w.name for w in WORKLOADS], "--workloads")

@@ -1,4 +1,4 @@
-"""How each time is taken (the definitions are the project's performance notes'):
+"""How each time is taken (the definitions of docs/performance.md):
 
 - kernel time: the device time of every kernel, copy and fill one call runs, summed from
   torch.profiler over `kernel_calls` calls with the L2 cache flushed (a 256 MB zero_()) before
@@ -54,7 +54,7 @@ class Settings:
 # memory system writes back while the call runs: every new line the call brings in costs a
 # write-back. A call that writes in place brings in half the lines of one that writes new outputs
 # (its stores hit the lines its loads brought), so it pays half of that. "read" (a max over the
-# buffer) leaves clean lines, evicted for free: a figure of the call alone (bench/NOTES.md, 22:56).
+# buffer) leaves clean lines, evicted for free: a figure of the call alone (docs/performance.md).
 FLUSHES: Dict[str, Callable[[torch.Tensor], Any]] = {
     "write": lambda buffer: buffer.zero_(),
     "read": lambda buffer: buffer.view(torch.int32).amax(),

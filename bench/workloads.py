@@ -7,92 +7,29 @@ never zeros: zeros hide unwritten outputs and can run faster than real data.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
-# RoPE frequencies as in Llama / Hugging Face: theta_i = base^(-2i/D).
-ROPE_BASE: float = 10000.0
+from .library import import_rope_kernels
 
-# Decode rows draw their positions at random from a table this long (a KV cache of 8192 tokens);
-# training rows use a table of at least this many rows too, as a model's table is its context.
-TABLE_ROWS: int = 8192
+# rope_kernels installed, or else the in-place build in python/ of this checkout (put on sys.path).
+import_rope_kernels()
 
-# Smoke runs keep each workload's heads, head dim, dtype and layout and shrink only B and S.
-SMOKE_BATCH: int = 2
-SMOKE_SEQ: int = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    name: str
-    batch: int
-    seq: int
-    heads_q: int
-    heads_k: int
-    head_dim: int
-    dtype: torch.dtype
-    # "bshd": transposed views of (B, S, H, D) tensors; "bhsd": contiguous (B, H, S, D) tensors.
-    layout: str = "bshd"
-    # Decode rows: positions drawn at random from the table, and a CUDA-graph figure.
-    decode: bool = False
-    note: str = ""
-
-    @property
-    def table_rows(self) -> int:
-        return max(self.seq, TABLE_ROWS)
-
-    @property
-    def bytes_moved(self) -> int:
-        """Bytes the memory system must move at least: q and k read once and written once
-        (the cos/sin rows are small next to them and are left out, as in the copy floor)."""
-        elements = self.batch * self.seq * (self.heads_q + self.heads_k) * self.head_dim
-        return 2 * elements * torch.empty((), dtype=self.dtype).element_size()
-
-    def smoke(self) -> "Workload":
-        """The same workload with B and S cut down, for functional runs on a CPU."""
-        seq = self.seq if self.decode else min(self.seq, SMOKE_SEQ)
-        return dataclasses.replace(self, batch=min(self.batch, SMOKE_BATCH), seq=seq)
-
-    def describe(self) -> str:
-        dtype = str(self.dtype).replace("torch.", "")
-        return "B={} S={} Hq={} Hk={} D={} {} {}".format(
-            self.batch, self.seq, self.heads_q, self.heads_k, self.head_dim, dtype, self.layout)
-
-
-# The project's workload table (performance notes), in its order.
-WORKLOADS: List[Workload] = [
-    Workload("llama8b-train", 4, 4096, 32, 8, 128, torch.bfloat16, note="the main training shape"),
-    Workload("seed-example", 2, 1024, 32, 32, 128, torch.float16, layout="bhsd",
-             note="contiguous (B, H, S, D) tensors"),
-    Workload("long-128k", 1, 131072, 32, 8, 128, torch.bfloat16, note="long context"),
-    Workload("hd64-mha", 8, 2048, 16, 16, 64, torch.bfloat16, note="small heads"),
-    Workload("hd256-gemma", 2, 4096, 8, 4, 256, torch.bfloat16, note="large heads"),
-    Workload("fp32", 2, 2048, 32, 8, 128, torch.float32),
-    Workload("small-prefill", 1, 128, 32, 8, 128, torch.bfloat16, note="launch-bound"),
-    Workload("decode-b1", 1, 1, 32, 8, 128, torch.bfloat16, decode=True,
-             note="positions drawn at random from 8192"),
-    Workload("decode-b64", 64, 1, 32, 8, 128, torch.bfloat16, decode=True,
-             note="positions drawn at random from 8192"),
-]
-
-
-def workload_by_name(name: str) -> Workload:
-    for workload in WORKLOADS:
-        if workload.name == name:
-            return workload
-    raise KeyError("unknown workload {!r}; known: {}".format(name, ", ".join(w.name for w in WORKLOADS)))
+# The workload table is the project's one (rope_kernels.testing), shared with the quick benchmark
+# of `python -m rope_kernels`; these names are re-exported for bench/ and its users.
+from rope_kernels.testing import (SMOKE_BATCH, SMOKE_SEQ, TABLE_ROWS, WORKLOADS, Workload,  # noqa: E402,F401
+                                  cos_sin_tables, random_heads, workload_by_name)
 
 
 def _random_heads(batch: int, heads: int, seq: int, head_dim: int, dtype: torch.dtype, layout: str,
                   device: torch.device, requires_grad: bool) -> torch.Tensor:
-    """A (B, H, S, D) tensor in the given layout; with requires_grad its storage is a leaf."""
+    """A (B, H, S, D) tensor in the given layout (rope_kernels.testing.random_heads, drawn on the
+    device); with requires_grad its storage is a leaf (for "bshd", q is a view of it)."""
+    x = random_heads(layout, batch, heads, seq, head_dim, dtype, device, draw_on_device=True)
     if layout == "bshd":
-        base = torch.randn(batch, seq, heads, head_dim, dtype=dtype, device=device)
-        return base.requires_grad_(requires_grad).transpose(1, 2)
-    if layout == "bhsd":
-        return torch.randn(batch, heads, seq, head_dim, dtype=dtype, device=device).requires_grad_(requires_grad)
-    raise ValueError("unknown layout {!r}".format(layout))
+        return x.transpose(1, 2).requires_grad_(requires_grad).transpose(1, 2)
+    return x.requires_grad_(requires_grad)
 
 
 def copy_in_layout(x: torch.Tensor, layout: str, requires_grad: bool) -> torch.Tensor:
@@ -106,12 +43,7 @@ def copy_in_layout(x: torch.Tensor, layout: str, requires_grad: bool) -> torch.T
 def rope_table(rows: int, head_dim: int, dtype: torch.dtype,
                device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """The Hugging Face full-width table (rows, D): real angles, the halves repeated."""
-    # Angles in float64, so each entry is the correctly rounded cos/sin of the true angle.
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim
-    inv_freq = 1.0 / (ROPE_BASE ** exponents)
-    angles = torch.outer(torch.arange(rows, dtype=torch.float64, device=device), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return cos_sin_tables(rows, head_dim, full_width=True, dtype=dtype, device=device)
 
 
 @dataclasses.dataclass

@@ -14,8 +14,8 @@ heads fastest and divides instead.
 
 The table in aot_specs.py sets BLOCK_H and the warp count per element size, head-dim block and
 grid class, from measurements: bandwidth-bound launches want many small programs, latency-bound
-ones (decode, short prefill) few programs holding all of a token's heads (bench/NOTES.md has the
-figures).
+ones (decode, short prefill) few programs holding all of a token's heads (docs/performance.md has
+the figures).
 
 q, k and the outputs are addressed through their batch/head/sequence strides, so a transposed view
 of a (B, S, H, D) projection is read where it lies. The last dimension is always contiguous (the
@@ -92,8 +92,8 @@ def rope_qk_kernel(
     d_ok = d < half_dim
     head_ok = (heads < n_heads_q + n_heads_k)[:, None]
     if EVEN_D:
-        # A mask along one axis only: masking heads and features both costs 2 % of the kernel
-        # time of llama8b-train (40 heads in blocks of 16) on an H200 (bench/NOTES.md).
+        # A mask along heads only: a mask over heads and features both is slower on wide grids
+        # (docs/performance.md).
         mask = tl.broadcast_to(head_ok, (BLOCK_H, BLOCK_D2))
     else:
         mask = head_ok & d_ok[None, :]
@@ -103,7 +103,7 @@ def rope_qk_kernel(
     k_out_tile = b * k_out_stride_b + s * k_out_stride_s + k_heads.to(tl.int64)[:, None] * k_out_stride_h + d[None, :]
     # Chosen per element between whole pointer tiles: the condition is constant along a row, so
     # the compiler keeps the rows' 16-byte vector accesses (a choice between per-row base
-    # pointers, broadcast afterwards, loses them: measured in the PTX, Triton 3.8).
+    # pointers, broadcast afterwards, compiles to scalar accesses).
     src_tile = tl.where(is_q, q_ptr + q_tile, k_ptr + k_tile)
     dst_tile = tl.where(is_q, q_out_ptr + q_out_tile, k_out_ptr + k_out_tile)
 
@@ -120,18 +120,13 @@ def rope_qk_kernel(
     # (documented), which makes the bad input visible instead of silently rotating by a wrong angle.
     row_ok = (row >= 0) & (row < table_rows)
     row = tl.where(row_ok, row, 0)
-    # One cos/sin row for the whole block. (Loading it as a (BLOCK_H, BLOCK_D2) tile in the q/k
-    # tiles' layout spares Triton a redistribution through shared memory in wide 16-bit launches,
-    # but the repeated loads cost more: 1 to 5 % slower on an H200, bench/NOTES.md.)
+    # One cos/sin row for the whole block: a (BLOCK_H, BLOCK_D2) tile in the q/k layout would
+    # spare a redistribution through shared memory, but its repeated loads cost more.
     cos_row = cos_ptr + b * cos_stride_b + row * cos_stride_row
     sin_row = sin_ptr + b * sin_stride_b + row * sin_stride_row
-    # Default cache policy. Each sequence reads the shared table from DRAM again; keeping the rows
-    # in the L2 for the next sequence (evict_last) saves 1.5 % of llama8b-train's kernel time and
-    # 2 to 3 % of hd256-gemma's on an H200, but the kept rows stay ahead of other data after the
-    # call: the causal attention that follows ran 4 % slower (925 against 887 us). With evict_last
-    # on every row, a 36 MB copy after long-128k ran 24 % slower. Handing the rows back (PTX
-    # applypriority) cost more than the re-read it saved. A RoPE call must not tax the kernels that
-    # follow it (bench/NOTES.md, 2026-11-29 23:02 and 2026-11-30 00:44 to 00:49).
+    # Default cache policy, although each sequence then reads the shared table from DRAM again:
+    # keeping the rows in the L2 (evict_last) would slow the kernels after the call, such as the
+    # attention, more than it saves here (docs/performance.md).
     cos = tl.load(cos_row + d, mask=d_ok & row_ok, other=float("nan")).to(tl.float32)
     sin = tl.load(sin_row + d, mask=d_ok & row_ok, other=float("nan")).to(tl.float32)
     sin = sin * sin_sign  # int32 times float32 is float32 (and a plain 1 where Triton specializes it)

@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from bench.library import import_rope_kernels
-from bench.reference import check_rotation
+from rope_kernels.testing import check_rotation
 from bench.timing import FULL, QUICK, Figure, make_timer
 from bench.workloads import WORKLOADS, Inputs, Workload, make_inputs, workload_by_name
 

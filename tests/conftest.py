@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-# The shared modules (rope_reference, rope_env) sit beside the tests; make them importable under
+# The shared modules (rope_env, rope_models, ...) sit beside the tests; make them importable under
 # any --import-mode, not only the default one that puts this directory on sys.path itself.
 _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if _TESTS_DIR not in sys.path:

@@ -43,7 +43,7 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 def run_fresh_python(code: str, *argv: str, timeout: float = 300.0) -> str:
     """Run `python -c code argv...` in a new interpreter and return its stdout; fail on exit != 0.
 
-    The tests directory goes on PYTHONPATH so that the code can import rope_reference. A fresh
+    The tests directory goes on PYTHONPATH so that the code can import the tests' helpers. A fresh
     process is the only way to test what happens on the first call of a process (module loading,
     context creation) or with nothing but what a saved file holds.
     """

@@ -12,7 +12,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from rope_reference import rope_angles
+from rope_kernels.testing import rope_angles
 
 
 class RopeAttention(torch.nn.Module):

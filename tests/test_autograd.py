@@ -9,8 +9,8 @@ import torch
 
 import rope_kernels  # noqa: F401  (registers torch.ops.rope)
 from rope_env import DEVICES
-from rope_reference import (RopeArgs, RopeCase, assert_close_to_reference, make_args, reference_grads,
-                            reference_rotate)
+from rope_kernels.testing import (RopeArgs, RopeCase, assert_close_to_reference, make_args,
+                                  reference_grads, reference_rope)
 
 OPS = {"fused_qk": torch.ops.rope.fused_qk, "fused_qk_backward": torch.ops.rope.fused_qk_backward}
 
@@ -105,8 +105,8 @@ def test_double_backward(device: str) -> None:
     grad_q, grad_k = torch.autograd.grad(loss, (args.q, args.k), create_graph=True)
     v_q, v_k = random_like(args.q), random_like(args.k)
     ((grad_q * v_q).sum() + (grad_k * v_k).sum()).backward()
-    assert_close_to_reference(weight_q.grad, reference_rotate(v_q, args.cos, args.sin, args.positions), case.dtype)
-    assert_close_to_reference(weight_k.grad, reference_rotate(v_k, args.cos, args.sin, args.positions), case.dtype)
+    assert_close_to_reference(weight_q.grad, reference_rope(v_q, args.cos, args.sin, args.positions), case.dtype)
+    assert_close_to_reference(weight_k.grad, reference_rope(v_k, args.cos, args.sin, args.positions), case.dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)

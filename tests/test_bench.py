@@ -1,7 +1,7 @@
 """The benchmark's own logic, on the CPU and in seconds: its correctness gate, how it separates the
 L2 flush from the calls in a profile, that a wrong candidate is reported and never timed, and one
 functional run of `python -m bench --device cpu --smoke` end to end (the GPU run is documented
-in bench/NOTES.md; its timings need the GPU, its code paths do not)."""
+in docs/performance.md; its timings need the GPU, its code paths do not)."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +26,7 @@ if not (REPO_ROOT / "bench" / "__init__.py").exists():
 
 from bench.candidates import Candidate, Eager, Outputs, hf_apply_rotary_pos_emb  # noqa: E402
 from bench.measure import measure_workload  # noqa: E402
-from bench.reference import check_rotation  # noqa: E402
+from rope_kernels.testing import check_rotation  # noqa: E402
 from bench.report import summary_tables  # noqa: E402
 from bench.run import parse_args  # noqa: E402
 from bench.timing import (FLUSHES, SMOKE, CpuTimer, CudaTimer, Figure, MeasurementError,  # noqa: E402

@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 
 import rope_kernels
 from rope_env import DEVICES
-from rope_reference import RopeArgs, RopeCase, make_args
+from rope_kernels.testing import RopeArgs, RopeCase, make_args
 
 # Two shapes that differ in every dimension a dynamic graph must not specialize on.
 CASE = RopeCase(batch=2, heads_q=4, heads_k=2, seq=5, layout="bshd", positions="bs:int64")

@@ -8,7 +8,7 @@ import torch
 
 import rope_kernels  # noqa: F401  (registers torch.ops.rope)
 from rope_env import requires_cuda, requires_two_gpus, run_fresh_python
-from rope_reference import RopeArgs, RopeCase, assert_close_to_reference, make_args, reference_fused_qk
+from rope_kernels.testing import RopeArgs, RopeCase, assert_close_to_reference, make_args, reference_fused_qk
 
 pytestmark = requires_cuda
 
@@ -75,7 +75,7 @@ def test_runs_on_the_current_stream() -> None:
 FIRST_CALL_IN_NEW_THREAD = """
 import torch
 import rope_kernels
-from rope_reference import RopeCase, assert_close_to_reference, make_args, reference_fused_qk
+from rope_kernels.testing import RopeCase, assert_close_to_reference, make_args, reference_fused_qk
 from thread_runner import run_in_threads
 
 case = RopeCase(dtype=torch.float16, layout="qkv", positions="s:int32")
@@ -106,7 +106,7 @@ def test_first_call_of_a_process_from_a_new_thread(inputs_from: str) -> None:
 FIRST_CALL_IN_CAPTURE = """
 import torch
 import rope_kernels
-from rope_reference import RopeCase, assert_close_to_reference, make_args, reference_fused_qk
+from rope_kernels.testing import RopeCase, assert_close_to_reference, make_args, reference_fused_qk
 
 case = RopeCase(dtype=torch.bfloat16, layout="bshd", positions="bs:int64", head_dim=256)
 args = make_args(case, "cuda")
@@ -132,7 +132,7 @@ CONCURRENT_THREADS = """
 import threading
 import torch
 import rope_kernels
-from rope_reference import RopeCase, assert_close_to_reference, make_args, reference_fused_qk
+from rope_kernels.testing import RopeCase, assert_close_to_reference, make_args, reference_fused_qk
 from thread_runner import run_in_threads
 
 cases = [RopeCase(dtype=torch.bfloat16, layout="bshd", positions="bs:int64", head_dim=128),

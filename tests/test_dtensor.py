@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 IMPORTS
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
-from rope_reference import RopeCase, assert_close_to_reference, make_args, reference_fused_qk
+from rope_kernels.testing import RopeCase, assert_close_to_reference, make_args, reference_fused_qk
 
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 mesh = init_device_mesh("cpu", (1,))

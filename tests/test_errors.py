@@ -14,7 +14,7 @@ import torch
 
 import rope_kernels  # noqa: F401  (registers torch.ops.rope)
 from rope_env import requires_cuda
-from rope_reference import RopeArgs, RopeCase, make_args
+from rope_kernels.testing import RopeArgs, RopeCase, make_args
 
 SEQ = 5
 

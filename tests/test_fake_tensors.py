@@ -8,7 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 import rope_kernels  # noqa: F401  (registers torch.ops.rope)
 from rope_env import DEVICES
-from rope_reference import LAYOUTS, RopeArgs, RopeCase, make_args
+from rope_kernels.testing import LAYOUTS, RopeArgs, RopeCase, make_args
 
 OPS = {"fused_qk": torch.ops.rope.fused_qk, "fused_qk_backward": torch.ops.rope.fused_qk_backward}
 

@@ -15,9 +15,9 @@ import torch
 
 import rope_kernels
 from rope_env import DEVICES, device_dtype_params, requires_cuda
-from rope_reference import (LAYOUTS, POSITIONS, RopeArgs, RopeCase, assert_close_to_reference,
-                            assert_fresh_outputs, assert_output_layout, assert_unchanged, make_args,
-                            poison_allocator, reference_fused_qk, snapshot)
+from rope_kernels.testing import (LAYOUTS, POSITIONS, RopeArgs, RopeCase, assert_close_to_reference,
+                                  assert_fresh_outputs, assert_output_layout, assert_unchanged,
+                                  make_args, poison_allocator, reference_fused_qk, snapshot)
 
 HEAD_DIMS = [2, 8, 10, 64, 80, 96, 128, 256]
 

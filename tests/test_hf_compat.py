@@ -12,7 +12,7 @@ from transformers.models.phi3 import modeling_phi3
 
 import rope_kernels
 from rope_env import DEVICES, device_dtype_params
-from rope_reference import assert_output_layout, tolerance
+from rope_kernels.testing import assert_output_layout, tolerance
 
 # transformers' functions, taken before any test can patch the modules.
 TRANSFORMERS_APPLY = modeling_llama.apply_rotary_pos_emb

@@ -12,8 +12,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import rope_kernels
 from rope_env import DEVICES, device_dtype_params
-from rope_reference import (RopeArgs, RopeCase, assert_close_to_reference, make_args, reference_fused_qk,
-                            reference_grads, reference_rotate)
+from rope_kernels.testing import (RopeArgs, RopeCase, assert_close_to_reference, make_args,
+                                  reference_fused_qk, reference_grads, reference_rope)
 
 INPLACE = torch.ops.rope.fused_qk_
 
@@ -165,8 +165,8 @@ def test_only_the_tensor_that_requires_grad_gets_history() -> None:
     INPLACE(q, args.k, args.cos, args.sin, args.positions)
     assert q.grad_fn is not None and args.k.grad_fn is None and not args.k.requires_grad
     q.sum().backward()
-    expected = reference_rotate(torch.ones(args.q.shape, dtype=torch.float64), args.cos, args.sin, args.positions,
-                                inverse=True)
+    expected = reference_rope(torch.ones(args.q.shape, dtype=torch.float64), args.cos, args.sin, args.positions,
+                              inverse=True)
     assert_close_to_reference(source.grad, expected, torch.float32)
 
 

@@ -17,8 +17,8 @@ import torch
 
 import rope_kernels  # noqa: F401  (registers torch.ops.rope)
 from rope_env import requires_two_gpus, run_fresh_python
-from rope_reference import (RopeArgs, RopeCase, assert_close_to_reference, assert_output_layout, make_args,
-                            poison_allocator, reference_fused_qk, reference_grads)
+from rope_kernels.testing import (RopeArgs, RopeCase, assert_close_to_reference, assert_output_layout,
+                                  make_args, poison_allocator, reference_fused_qk, reference_grads)
 
 pytestmark = requires_two_gpus
 
@@ -54,7 +54,7 @@ ALTERNATING_THREADS = """
 import threading
 import torch
 import rope_kernels
-from rope_reference import RopeCase, assert_close_to_reference, make_args, poison_allocator, reference_fused_qk
+from rope_kernels.testing import RopeCase, assert_close_to_reference, make_args, poison_allocator, reference_fused_qk
 from thread_runner import run_in_threads
 
 cases = [RopeCase(batch=2, heads_q=8, heads_k=2, seq=33, head_dim=128, dtype=torch.bfloat16, layout="bshd",
@@ -220,7 +220,7 @@ def test_graph_capture_and_replay_on_the_second_gpu() -> None:
 FIRST_CALL_ON_SECOND_GPU_FROM_NEW_THREAD = """
 import torch
 import rope_kernels
-from rope_reference import RopeCase, assert_close_to_reference, make_args, reference_fused_qk
+from rope_kernels.testing import RopeCase, assert_close_to_reference, make_args, reference_fused_qk
 from thread_runner import run_in_threads
 
 case = RopeCase(dtype=torch.float16, layout="qkv", positions="s:int32")
@@ -253,7 +253,7 @@ def test_first_call_of_a_process_on_the_second_gpu_from_a_new_thread() -> None:
 FIRST_CALL_IN_CAPTURE_ON_SECOND_GPU = """
 import torch
 import rope_kernels
-from rope_reference import RopeCase, assert_close_to_reference, make_args, reference_fused_qk
+from rope_kernels.testing import RopeCase, assert_close_to_reference, make_args, reference_fused_qk
 
 case = RopeCase(dtype=torch.bfloat16, layout="bshd", positions="bs:int64", head_dim=128)
 torch.cuda.set_device(0)

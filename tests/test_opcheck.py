@@ -9,7 +9,7 @@ import torch
 
 import rope_kernels  # noqa: F401  (registers torch.ops.rope)
 from rope_env import DEVICES
-from rope_reference import RopeCase, make_args
+from rope_kernels.testing import RopeCase, make_args
 
 # A few samples that between them cover the layouts, positions, table forms and dtypes that
 # change what the fake kernel or autograd has to say. Each opcheck costs about a second.

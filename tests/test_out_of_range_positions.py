@@ -10,7 +10,7 @@ import torch
 
 import rope_kernels  # noqa: F401  (registers torch.ops.rope)
 from rope_env import DEVICES
-from rope_reference import RopeCase, assert_close_to_reference, make_args, reference_fused_qk
+from rope_kernels.testing import RopeCase, assert_close_to_reference, make_args, reference_fused_qk
 
 CASE = RopeCase(batch=2, seq=8, heads_q=8, heads_k=2, head_dim=96, dtype=torch.bfloat16, layout="bshd")
 

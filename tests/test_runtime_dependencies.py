@@ -10,7 +10,7 @@ import sys
 sys.modules["triton"] = None
 import torch
 import rope_kernels
-from rope_reference import RopeCase, assert_close_to_reference, make_args, reference_fused_qk
+from rope_kernels.testing import RopeCase, assert_close_to_reference, make_args, reference_fused_qk
 
 devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 for device in devices:

@@ -10,7 +10,7 @@ import torch
 
 import rope_kernels
 from rope_env import DEVICES, run_fresh_python
-from rope_reference import RopeCase, assert_close_to_reference, make_args, reference_fused_qk, reference_grads
+from rope_kernels.testing import RopeCase, assert_close_to_reference, make_args, reference_fused_qk, reference_grads
 
 # TorchScript is deprecated in favour of torch.compile/export, but it is what libtorch users load.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")

@@ -11,8 +11,8 @@ from torch._dynamo.utils import counters
 
 import rope_kernels
 from rope_env import DEVICES, device_dtype_params
-from rope_reference import (RopeArgs, RopeCase, assert_close_to_reference, make_args, reference_fused_qk,
-                            reference_grads, rope_angles)
+from rope_kernels.testing import (RopeArgs, RopeCase, assert_close_to_reference, make_args,
+                                  reference_fused_qk, reference_grads, rope_angles)
 
 CASE = RopeCase(batch=3, heads_q=8, heads_k=2, seq=9, head_dim=32, layout="bshd")
 

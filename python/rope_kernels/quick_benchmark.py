@@ -11,13 +11,12 @@ the flush a kernel would look faster than memory allows. Host overhead (Python, 
 falls inside the interval, as it does in a user's step.
 """
 
-import dataclasses
 import statistics
 from typing import Callable, List, Tuple
 
 import torch
 
-from .selfcheck import rope_tables
+from .testing import Workload, cos_sin_tables, random_heads, workload_by_name
 
 # Larger than the L2 cache of any current GPU (60 MB on an H200), so zeroing it evicts q and k.
 FLUSH_BYTES: int = 256 * 1024 * 1024
@@ -29,26 +28,10 @@ MAX_CALLS: int = 500
 WARMUP_CALLS: int = 3
 
 
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    """One benchmark shape: q and k are transposed views of (B, S, H, D) projection outputs."""
-
-    name: str
-    batch: int
-    seq: int
-    heads_q: int
-    heads_k: int
-    head_dim: int
-    dtype: torch.dtype
-
-
-# Three rows of the project's workload table: the main training shape, small heads, and a
-# launch-bound prefill where host overhead dominates.
-WORKLOADS: List[Workload] = [
-    Workload("llama8b-train", 4, 4096, 32, 8, 128, torch.bfloat16),
-    Workload("hd64-mha", 8, 2048, 16, 16, 64, torch.bfloat16),
-    Workload("small-prefill", 1, 128, 32, 8, 128, torch.bfloat16),
-]
+# Three rows of the project's workload table (rope_kernels.testing.WORKLOADS): the main training
+# shape, small heads, and a launch-bound prefill where host overhead dominates.
+WORKLOAD_NAMES: Tuple[str, ...] = ("llama8b-train", "hd64-mha", "small-prefill")
+WORKLOADS: List[Workload] = [workload_by_name(name) for name in WORKLOAD_NAMES]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -96,15 +79,16 @@ def measure_workload(w: Workload, device: torch.device, flush: torch.Tensor) -> 
     """[floor, ours fwd, eager fwd, ours fwd+bwd, eager fwd+bwd] in microseconds."""
     op = torch.ops.rope.fused_qk
     # Inputs as a training step has them: projection outputs viewed as (B, H, S, D), needing grad.
-    q_proj = torch.randn(w.batch, w.seq, w.heads_q, w.head_dim, device=device, dtype=w.dtype)
-    k_proj = torch.randn(w.batch, w.seq, w.heads_k, w.head_dim, device=device, dtype=w.dtype)
-    q = q_proj.requires_grad_().transpose(1, 2)
-    k = k_proj.requires_grad_().transpose(1, 2)
+    # (the layout of the workload: "bshd" for these rows), drawn on the GPU as they are large.
+    q = random_heads(w.layout, w.batch, w.heads_q, w.seq, w.head_dim, w.dtype, device,
+                     draw_on_device=True).requires_grad_()
+    k = random_heads(w.layout, w.batch, w.heads_k, w.seq, w.head_dim, w.dtype, device,
+                     draw_on_device=True).requires_grad_()
     grad_q = torch.randn_like(q)
     grad_k = torch.randn_like(k)
     # The Hugging Face full-width table in q's dtype, which both candidates take. Eager gets it
     # gathered per token once up front, as HF models do once per step for all layers.
-    cos, sin = rope_tables(w.seq, w.head_dim, True, w.dtype, device)
+    cos, sin = cos_sin_tables(w.seq, w.head_dim, full_width=True, dtype=w.dtype, device=device)
     position_ids = torch.arange(w.seq, device=device).expand(w.batch, w.seq)
     cos_tokens, sin_tokens = cos[position_ids], sin[position_ids]
 

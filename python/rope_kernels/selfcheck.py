@@ -12,12 +12,12 @@ from typing import List, Optional, Tuple
 
 import torch
 
-# RoPE frequencies as in Llama / Hugging Face: theta_i = base^(-2i/D).
-ROPE_BASE: float = 10000.0
+from .testing import (FUSED_KERNEL, cos_sin_tables, dtype_name, error_ratio, random_qk,
+                      reference_rope_and_size)
 
-# The op computes in fp32 (fp64 for fp64 inputs); a rotated element is a sum of two products, so a
-# few rounding steps of that precision, relative to the size of the products, bound its error.
-MATH_ROUNDING_STEPS: float = 8.0
+# The allowance (rope_kernels.testing.FUSED_KERNEL): the op computes in fp32 (fp64 for fp64
+# inputs); a rotated element is a sum of two products, so a few rounding steps of that precision,
+# relative to the size of the products, plus one rounding to the output dtype bound its error.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,61 +67,34 @@ def self_check_cases() -> List[Case]:
     ]
 
 
-def short_dtype_name(dtype: torch.dtype) -> str:
-    """torch.bfloat16 -> "bf16", torch.float32 -> "fp32": narrow columns."""
-    return str(dtype).replace("torch.", "").replace("bfloat", "bf").replace("float", "fp")
-
-
 def describe(case: Case) -> str:
     """A short, column-aligned description of a case for its result line."""
     table_dtype = case.table_dtype if case.table_dtype is not None else case.dtype
-    table = "{} {}".format("full" if case.full_table else "half", short_dtype_name(table_dtype))
+    table = "{} {}".format("full" if case.full_table else "half", dtype_name(table_dtype))
     layout = {"bhsd": "(B,H,S,D)", "bshd": "(B,S,H,D).T", "qkv": "fused-qkv"}[case.layout]
     shape = "B{} S{} H{}/{} D{}".format(case.batch, case.seq, case.heads_q, case.heads_k, case.head_dim)
     return "{:<5} {:<20} {:<12} table {:<10} pos {:<12}".format(
-        short_dtype_name(case.dtype), shape, layout, table, case.positions)
-
-
-def rope_tables(rows: int, head_dim: int, full_width: bool, dtype: torch.dtype,
-                device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Real RoPE cos/sin tables: (rows, D/2), or (rows, D) with the halves repeated as HF builds them."""
-    # Angles in float64 so each table entry is the correctly rounded cos/sin of the true angle.
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim
-    inv_freq = 1.0 / (ROPE_BASE ** exponents)
-    angles = torch.outer(torch.arange(rows, dtype=torch.float64, device=device), inv_freq)
-    if full_width:
-        angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+        dtype_name(case.dtype), shape, layout, table, case.positions)
 
 
 def random_tensor(shape: List[int], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
     """Standard normal values drawn on the CPU, so every device of one run sees the same inputs."""
-    draw_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    return torch.randn(shape, generator=gen, dtype=draw_dtype).to(dtype)
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
 
 
 def make_qk(case: Case, gen: torch.Generator, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """q (B, Hq, S, D) and k (B, Hk, S, D) in the case's layout, both requiring grad."""
-    b, s, hq, hk, d = case.batch, case.seq, case.heads_q, case.heads_k, case.head_dim
-    if case.layout == "bhsd":
-        q = random_tensor([b, hq, s, d], case.dtype, gen).to(device).requires_grad_()
-        k = random_tensor([b, hk, s, d], case.dtype, gen).to(device).requires_grad_()
-        return q, k
-    if case.layout == "bshd":
-        # The layout a projection produces: the op must read it where it lies.
-        q_base = random_tensor([b, s, hq, d], case.dtype, gen).to(device).requires_grad_()
-        k_base = random_tensor([b, s, hk, d], case.dtype, gen).to(device).requires_grad_()
-        return q_base.transpose(1, 2), k_base.transpose(1, 2)
-    # One fused projection output holding q, k and v heads side by side: q and k are strided
-    # slices of it with gaps (the v heads) between token rows.
-    fused = random_tensor([b, s, hq + 2 * hk, d], case.dtype, gen).to(device).requires_grad_()
-    return fused[:, :, :hq].transpose(1, 2), fused[:, :, hq:hq + hk].transpose(1, 2)
+    """q (B, Hq, S, D) and k (B, Hk, S, D) in the case's layout (rope_kernels.testing.random_qk),
+    both leaves requiring grad that keep the layout (detach keeps strides and storage offset)."""
+    q, k = random_qk(case.layout, case.batch, case.heads_q, case.heads_k, case.seq, case.head_dim,
+                     case.dtype, device, generator=gen)
+    return q.detach().requires_grad_(), k.detach().requires_grad_()
 
 
 def make_tables(case: Case, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """The case's cos/sin tables, with any leading size-1 dims it asks for."""
     table_dtype = case.table_dtype if case.table_dtype is not None else case.dtype
-    cos, sin = rope_tables(case.table_rows, case.head_dim, case.full_table, table_dtype, device)
+    cos, sin = cos_sin_tables(case.table_rows, case.head_dim, full_width=case.full_table,
+                              dtype=table_dtype, device=device)
     for _ in range(case.table_leading_ones):
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
     return cos, sin
@@ -141,63 +114,6 @@ def make_positions(case: Case, gen: torch.Generator, device: torch.device) -> Op
         # Truncated to 32 bits this would be row 1, a valid row: it must still give NaN.
         positions[case.batch - 1, 0] = 2 ** 32 + 1
     return positions.to(device)
-
-
-def reference_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   positions: Optional[torch.Tensor], inverse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """RoPE in float64 on the CPU: (result, size of the products summed into each element).
-
-    inverse=True rotates by -angle, which is the gradient of the forward rotation.
-    The second tensor lets the caller bound the fp32 rounding the op may add.
-    """
-    half = x.shape[-1] // 2
-    cos2d = cos.detach().cpu().reshape(cos.shape[-2], cos.shape[-1])[:, :half].double()
-    sin2d = sin.detach().cpu().reshape(sin.shape[-2], sin.shape[-1])[:, :half].double()
-    rows = cos2d.shape[0]
-    batch, seq = x.shape[0], x.shape[2]
-    if positions is None:
-        index = torch.arange(seq).expand(batch, seq)
-    else:
-        index = positions.cpu().long().expand(batch, seq)
-    valid = (index >= 0) & (index < rows)
-    safe_index = torch.where(valid, index, torch.zeros_like(index))
-    # Invalid rows give NaN for the whole token, per the contract.
-    not_a_number = torch.tensor(float("nan"), dtype=torch.float64)
-    c = torch.where(valid.unsqueeze(-1), cos2d[safe_index], not_a_number).unsqueeze(1)
-    s = torch.where(valid.unsqueeze(-1), sin2d[safe_index], not_a_number).unsqueeze(1)
-    if inverse:
-        s = -s
-    x64 = x.detach().cpu().double()
-    x1, x2 = x64[..., :half], x64[..., half:]
-    result = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
-    product_size = torch.cat([(x1 * c).abs() + (x2 * s).abs(), (x2 * c).abs() + (x1 * s).abs()], dim=-1)
-    return result, product_size
-
-
-def unit_roundoff(dtype: torch.dtype) -> float:
-    """Largest relative error of one round-to-nearest into dtype."""
-    return torch.finfo(dtype).eps / 2
-
-
-def error_ratio(actual: torch.Tensor, expected: torch.Tensor, product_size: torch.Tensor) -> float:
-    """Worst error as a fraction of what one final rounding plus fp32 math allows (<= 1 passes).
-
-    Infinite when a NaN appears where none is expected or is missing where one is.
-    """
-    got = actual.detach().cpu().double()
-    math_dtype = torch.float64 if actual.dtype == torch.float64 else torch.float32
-    # Rounded once to the output dtype, after math in fp32: both errors, plus the smallest normal
-    # number to cover results that land among fp16 subnormals.
-    allowed = (unit_roundoff(actual.dtype) * expected.abs()
-               + MATH_ROUNDING_STEPS * unit_roundoff(math_dtype) * product_size
-               + torch.finfo(actual.dtype).tiny)
-    nan_expected = expected.isnan()
-    if not torch.equal(got.isnan(), nan_expected):
-        return math.inf
-    if got.numel() == 0:
-        return 0.0
-    ratio = torch.where(nan_expected, torch.zeros_like(got), (got - expected).abs() / allowed)
-    return float(ratio.max().item())
 
 
 def dimension_order(t: torch.Tensor) -> List[int]:
@@ -251,9 +167,9 @@ def run_case(case: Case, device: torch.device, gen: torch.Generator) -> CaseResu
     problems = layout_problems("q_out", q, q_out) + layout_problems("k_out", k, k_out)
     if dtype_shape_problems("q_out", q, q_out) or dtype_shape_problems("k_out", k, k_out):
         return CaseResult(math.nan, math.nan, problems)  # nothing to compare element by element
-    q_ref, q_size = reference_rope(q, cos, sin, positions, inverse=False)
-    k_ref, k_size = reference_rope(k, cos, sin, positions, inverse=False)
-    forward = max(error_ratio(q_out, q_ref, q_size), error_ratio(k_out, k_ref, k_size))
+    q_ref, q_size = reference_rope_and_size(q, cos, sin, positions, inverse=False)
+    k_ref, k_size = reference_rope_and_size(k, cos, sin, positions, inverse=False)
+    forward = max(error_ratio(q_out, q_ref, q_size, FUSED_KERNEL), error_ratio(k_out, k_ref, k_size, FUSED_KERNEL))
 
     # d/dx sum(out * w) = R(-angle) w: the backward must be the inverse rotation of the weights.
     w_q = random_tensor(list(q_out.shape), case.dtype, gen).to(device)
@@ -264,9 +180,9 @@ def run_case(case: Case, device: torch.device, gen: torch.Generator) -> CaseResu
     grad_problems = dtype_shape_problems("grad_q", q, grad_q) + dtype_shape_problems("grad_k", k, grad_k)
     if grad_problems:
         return CaseResult(forward, math.nan, problems + grad_problems)
-    gq_ref, gq_size = reference_rope(w_q, cos, sin, positions, inverse=True)
-    gk_ref, gk_size = reference_rope(w_k, cos, sin, positions, inverse=True)
-    backward = max(error_ratio(grad_q, gq_ref, gq_size), error_ratio(grad_k, gk_ref, gk_size))
+    gq_ref, gq_size = reference_rope_and_size(w_q, cos, sin, positions, inverse=True)
+    gk_ref, gk_size = reference_rope_and_size(w_k, cos, sin, positions, inverse=True)
+    backward = max(error_ratio(grad_q, gq_ref, gq_size, FUSED_KERNEL), error_ratio(grad_k, gk_ref, gk_size, FUSED_KERNEL))
     return CaseResult(forward, backward, problems)
 
 

@@ -52,7 +52,7 @@ struct Tolerance {
   double rtol, atol;
 };
 
-// One rounding of a float32 computation to the output dtype (see tests/rope_reference.py).
+// One rounding of a float32 computation to the output dtype (see rope_kernels.testing).
 Tolerance tolerance(at::ScalarType dtype) {
   return dtype == at::kBFloat16 ? Tolerance{std::ldexp(1.0, -8), 1e-5} : Tolerance{1e-5, 1e-5};
 }

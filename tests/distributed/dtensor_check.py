@@ -29,11 +29,11 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module  # noqa: E402
 from torch.distributed.tensor.placement_types import Placement  # noqa: E402
 
-# This directory (tiny_llama) and the tests directory (rope_reference).
+# This directory (tiny_llama) and the tests directory.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
-from rope_reference import (RopeCase, assert_close_to_reference, make_args, reference_fused_qk,  # noqa: E402
-                            tolerance)
+from rope_kernels.testing import (RopeCase, assert_close_to_reference, make_args,  # noqa: E402
+                                  reference_fused_qk, tolerance)
 from tiny_llama import Attention, TinyLlamaConfig, rope_tables  # noqa: E402
 
 R = Replicate()
