@@ -257,3 +257,11 @@ def test_a_device_without_a_built_architecture_is_named() -> None:
         else:
             with pytest.raises(RuntimeError, match=f"no kernel for this GPU \\(sm_{capability}\\)"):
                 launch_plan(_bshd(32), _bshd(8), cos, sin, capability=capability)
+
+
+@requires_cuda_build
+def test_a_capability_that_is_not_major_minor_is_refused() -> None:
+    cos, sin = _tables(128)
+    for capability in (0, -90, 1000):
+        with pytest.raises(RuntimeError, match=r"rope::_launch_plan: capability must be 10 \* major \+ minor"):
+            launch_plan(_bshd(32), _bshd(8), cos, sin, capability=capability)
