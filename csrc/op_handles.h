@@ -5,7 +5,11 @@
 
 #include <rope_kernels/rope_kernels.h>
 
+#include <optional>
+#include <string>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 
 namespace rope_kernels {
 
@@ -18,6 +22,27 @@ inline const c10::TypedOperatorHandle<RotateSignature>& fused_qk_backward_op() {
 }
 inline const c10::TypedOperatorHandle<InplaceSignature>& fused_qk_inplace_op() {
   return detail::fused_qk_inplace_handle();
+}
+
+// The keyword options of every rope op as a kernel's parameters and as the arguments of a call, in
+// schema order (rope_kernels::Options names them): written once here, as the schema is written once
+// in registration.cpp, so that no kernel can take them in another order.
+#define ROPE_OPTION_PARAMS                                                                            \
+  bool interleaved, std::optional<bool> interleaved_out, std::optional<int64_t> rotary_dim,          \
+      c10::string_view layout, const std::optional<at::Tensor>&cu_seqlens,                            \
+      const std::optional<at::Tensor>&seqlen_offsets
+#define ROPE_OPTION_ARGS interleaved, interleaved_out, rotary_dim, layout, cu_seqlens, seqlen_offsets
+
+// The options as one value, for the code below the kernels' entry points.
+inline Options options_of(ROPE_OPTION_PARAMS) {
+  return Options{interleaved, interleaved_out, rotary_dim, std::string(layout), cu_seqlens, seqlen_offsets};
+}
+
+// Calls a rope op with the options held in one value.
+template <typename Handle, typename... Tensors>
+std::tuple<at::Tensor, at::Tensor> call_with(const Handle& op, const Options& o, Tensors&&... tensors) {
+  return op.call(std::forward<Tensors>(tensors)..., o.interleaved, o.interleaved_out, o.rotary_dim,
+                 c10::string_view(o.layout), o.cu_seqlens, o.seqlen_offsets);
 }
 
 // A backend's kernel has exactly the op's signature: checked where the kernel is registered.

@@ -28,13 +28,18 @@ void check_inplace_targets(const char* op, const at::Tensor& q, const at::Tensor
 }
 
 void check_inplace_apart(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
-                         const at::Tensor& sin, const std::optional<at::Tensor>& positions) {
+                         const at::Tensor& sin, const std::optional<at::Tensor>& positions,
+                         const Options& options) {
   check_apart(op, "q", q, "k", k);
   for (const auto& [name, written] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}}) {
     check_apart(op, name, *written, "cos", cos);
     check_apart(op, name, *written, "sin", sin);
-    if (positions.has_value()) {
-      check_apart(op, name, *written, "positions", *positions);
+    const std::pair<const char*, const std::optional<at::Tensor>*> indices[] = {
+        {"positions", &positions}, {"cu_seqlens", &options.cu_seqlens}, {"seqlen_offsets", &options.seqlen_offsets}};
+    for (const auto& [index_name, index] : indices) {
+      if (index->has_value()) {
+        check_apart(op, name, *written, index_name, **index);
+      }
     }
   }
 }

@@ -2,6 +2,8 @@
 // what it writes must be writable element by element without clobbering what it still reads.
 #pragma once
 
+#include <rope_kernels/rope_kernels.h>
+
 #include <ATen/core/Tensor.h>
 
 #include <optional>
@@ -13,11 +15,13 @@ namespace rope_kernels {
 // holds for fake and functional tensors too (torch.compile refuses what eager refuses).
 void check_inplace_targets(const char* op_name, const at::Tensor& q, const at::Tensor& k);
 
-// q and k share no memory with each other, nor with cos, sin or positions. Compares real
+// q and k share no memory with each other, nor with cos, sin, positions or the packed
+// sequences' cu_seqlens and seqlen_offsets. Compares real
 // addresses: for the CPU and CUDA kernels only. Where the layout makes it undecidable cheaply
 // (views with gaps in one buffer, such as q and k sliced from one qkv projection) the check
 // passes, as torch's own in-place ops do.
 void check_inplace_apart(const char* op_name, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
-                         const at::Tensor& sin, const std::optional<at::Tensor>& positions);
+                         const at::Tensor& sin, const std::optional<at::Tensor>& positions,
+                         const Options& options);
 
 }  // namespace rope_kernels

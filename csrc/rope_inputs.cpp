@@ -45,11 +45,20 @@ at::Tensor as_tables(const char* op, const char* name, const at::Tensor& t, cons
   return out;
 }
 
+const char* layout_shape(Layout layout) {
+  switch (layout) {
+    case Layout::kBHSD:
+      return "4-D (batch, heads, seq, head_dim)";
+    case Layout::kBSHD:
+      return "4-D (batch, seq, heads, head_dim) (layout=\"bshd\")";
+    case Layout::kTHD:
+      return "3-D (tokens, heads, head_dim) (layout=\"thd\")";
+  }
+  return "?";
+}
+
+// q and k, already as (B, H, S, D) views.
 void check_qk(const char* op, const at::Tensor& q, const at::Tensor& k) {
-  TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D (batch, heads, seq, head_dim); got ", q.dim(),
-              "-D with shape ", q.sym_sizes());
-  TORCH_CHECK(k.dim() == 4, op, ": k must be 4-D (batch, heads, seq, head_dim); got ", k.dim(),
-              "-D with shape ", k.sym_sizes());
   TORCH_CHECK(q.device() == k.device(), op, ": q and k must be on the same device; got q on ",
               q.device(), " and k on ", k.device());
   TORCH_CHECK(q.scalar_type() == k.scalar_type(), op, ": q and k must have the same dtype; got q ",
@@ -66,8 +75,52 @@ void check_qk(const char* op, const at::Tensor& q, const at::Tensor& k) {
               q.sym_size(3));
 }
 
+// The first rotary_dim features of each head are rotated: rotary_dim/2 pairs.
+c10::SymInt rotary_half_of(const char* op, const std::optional<int64_t>& rotary_dim, const c10::SymInt& head_dim) {
+  if (!rotary_dim.has_value()) {
+    return head_dim / 2;
+  }
+  TORCH_CHECK(*rotary_dim > 0 && *rotary_dim % 2 == 0, op, ": rotary_dim must be even and positive; got ",
+              *rotary_dim);
+  TORCH_CHECK(head_dim >= *rotary_dim, op, ": rotary_dim (", *rotary_dim, ") exceeds head_dim (", head_dim, ")");
+  return c10::SymInt(*rotary_dim / 2);
+}
+
+void check_index_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
+  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
+              " must be int32 or int64; got ", t.scalar_type());
+  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on q's device (", q.device(), "); got ",
+              t.device());
+}
+
+// Packed sequences: (n + 1,) boundaries and (n,) offsets. Their values are read only on the CPU
+// (rope_cpu.cpp checks them there); the CUDA kernel reads them in bounds whatever they hold.
+void check_packed(const char* op, const at::Tensor& q, const Options& o, Layout layout,
+                  const std::optional<at::Tensor>& positions) {
+  if (!o.cu_seqlens.has_value()) {
+    TORCH_CHECK(!o.seqlen_offsets.has_value(), op, ": seqlen_offsets needs cu_seqlens (one offset per document)");
+    return;
+  }
+  TORCH_CHECK(layout == Layout::kTHD, op,
+              ": cu_seqlens needs packed sequences, layout=\"thd\" with q of shape (tokens, heads, head_dim)");
+  TORCH_CHECK(!positions.has_value(), op,
+              ": pass positions or cu_seqlens, not both (cu_seqlens gives each token its position)");
+  const at::Tensor& cu = *o.cu_seqlens;
+  check_index_tensor(op, "cu_seqlens", cu, q);
+  TORCH_CHECK(cu.dim() == 1 && cu.sym_size(0) >= 1, op,
+              ": cu_seqlens must be 1-D (documents + 1,), starting at 0 and ending at the token count; got shape ",
+              cu.sym_sizes());
+  if (o.seqlen_offsets.has_value()) {
+    const at::Tensor& offsets = *o.seqlen_offsets;
+    check_index_tensor(op, "seqlen_offsets", offsets, q);
+    TORCH_CHECK(offsets.dim() == 1 && offsets.sym_size(0) == cu.sym_size(0) - 1, op,
+                ": seqlen_offsets must be 1-D with one offset per document (", cu.sym_size(0) - 1, "); got shape ",
+                offsets.sym_sizes());
+  }
+}
+
 void check_table(const char* op, const at::Tensor& q, const at::Tensor& cos, const at::Tensor& sin,
-                 const c10::SymInt& head_dim) {
+                 const c10::SymInt& rotary_half) {
   TORCH_CHECK(cos.device() == q.device() && sin.device() == q.device(), op,
               ": cos and sin must be on q's device (", q.device(), "); got cos on ", cos.device(),
               " and sin on ", sin.device());
@@ -80,9 +133,9 @@ void check_table(const char* op, const at::Tensor& q, const at::Tensor& cos, con
   TORCH_CHECK(t == q.scalar_type() || t == at::kFloat, op,
               ": cos and sin must be float32 or q's dtype (", q.scalar_type(), "); got ", t);
   const c10::SymInt width = cos.sym_size(-1);
-  TORCH_CHECK(width == head_dim / 2 || width == head_dim, op,
-              ": cos and sin must have head_dim/2 (", head_dim / 2, ") or head_dim (", head_dim,
-              ") columns; got ", width);
+  TORCH_CHECK(width == rotary_half || width == rotary_half * 2, op,
+              ": cos and sin must have rotary_dim/2 (", rotary_half, ") or rotary_dim (", rotary_half * 2,
+              ") columns (rotary_dim is head_dim unless given); got ", width);
 }
 
 void check_positions(const char* op, const at::Tensor& q, const at::Tensor& positions) {
@@ -95,7 +148,7 @@ void check_positions(const char* op, const at::Tensor& q, const at::Tensor& posi
   const bool per_batch = positions.dim() == 2 && positions.sym_size(0) == batch && positions.sym_size(1) == seq;
   const bool shared = positions.dim() == 1 && positions.sym_size(0) == seq;
   TORCH_CHECK(per_batch || shared, op, ": positions must have shape (batch, seq) = (", batch, ", ",
-              seq, ") or (seq,) = (", seq, "); got ", positions.sym_sizes());
+              seq, ") or (seq,) = (", seq, ") (packed sequences: (tokens,)); got ", positions.sym_sizes());
 }
 
 // The CUDA kernels' limits (the dtypes they are built for, the largest head-dim block of the
@@ -114,27 +167,71 @@ void check_cuda_limits(const char* op, const at::Tensor& q) {
 
 }  // namespace
 
-RopeInputs check_and_normalize(const char* op, const at::Tensor& q, const at::Tensor& k,
+Layout parse_layout(const char* op, const std::string& layout) {
+  if (layout == "bhsd") {
+    return Layout::kBHSD;
+  }
+  if (layout == "bshd") {
+    return Layout::kBSHD;
+  }
+  TORCH_CHECK(layout == "thd", op, ": layout must be \"bhsd\", \"bshd\" or \"thd\"; got \"", layout, "\"");
+  return Layout::kTHD;
+}
+
+int64_t heads_dim(Layout layout) { return layout == Layout::kBSHD ? 2 : 1; }
+
+at::Tensor as_bhsd(const at::Tensor& t, Layout layout) {
+  switch (layout) {
+    case Layout::kBHSD:
+      return t;
+    case Layout::kBSHD:
+      return t.transpose(1, 2);
+    case Layout::kTHD:
+      return t.unsqueeze(0).transpose(1, 2);  // one sequence of T tokens
+  }
+  return t;
+}
+
+RopeInputs check_and_normalize(const char* op, const at::Tensor& q_in, const at::Tensor& k_in,
                                const at::Tensor& cos, const at::Tensor& sin,
-                               const std::optional<at::Tensor>& positions) {
+                               const std::optional<at::Tensor>& positions, const Options& options,
+                               Direction direction) {
+  const Layout layout = parse_layout(op, options.layout);
+  const int64_t dims = layout == Layout::kTHD ? 3 : 4;
+  TORCH_CHECK(q_in.dim() == dims, op, ": q must be ", layout_shape(layout), "; got ", q_in.dim(),
+              "-D with shape ", q_in.sym_sizes());
+  TORCH_CHECK(k_in.dim() == dims, op, ": k must be ", layout_shape(layout), "; got ", k_in.dim(),
+              "-D with shape ", k_in.sym_sizes());
+  const at::Tensor q = as_bhsd(q_in, layout);
+  const at::Tensor k = as_bhsd(k_in, layout);
   check_qk(op, q, k);
   check_cuda_limits(op, q);
   const c10::SymInt head_dim = q.sym_size(3);
+  const c10::SymInt rotary_half = rotary_half_of(op, options.rotary_dim, head_dim);
   const at::Tensor cos3 = as_tables(op, "cos", cos, q.sym_size(0));
   const at::Tensor sin3 = as_tables(op, "sin", sin, q.sym_size(0));
-  check_table(op, q, cos3, sin3, head_dim);
+  check_table(op, q, cos3, sin3, rotary_half);
+  check_packed(op, q, options, layout, positions);
 
   RopeInputs in;
-  in.half_dim = head_dim / 2;
+  in.layout = layout;
+  in.head_dim = head_dim;
+  in.rotary_half = rotary_half;
+  const bool interleaved_out = options.interleaved_out.value_or(options.interleaved);
+  const bool backward = direction == Direction::kBackward;
+  in.read_interleaved = backward ? interleaved_out : options.interleaved;
+  in.write_interleaved = backward ? options.interleaved : interleaved_out;
   in.q = with_unit_last_stride(q);
   in.k = with_unit_last_stride(k);
   in.cos = with_unit_last_stride(cos3);
   in.sin = with_unit_last_stride(sin3);
+  in.cu_seqlens = options.cu_seqlens;
+  in.seqlen_offsets = options.seqlen_offsets;
   if (positions.has_value()) {
     check_positions(op, q, *positions);
     in.positions = positions->dim() == 1 ? positions->unsqueeze(0).expand_symint({q.sym_size(0), q.sym_size(2)})
                                          : *positions;
-  } else {
+  } else if (!options.cu_seqlens.has_value()) {
     // Only without positions can the table length be checked without reading device memory;
     // with positions, a row outside the table gives NaN outputs for that token (documented).
     TORCH_CHECK(cos3.sym_size(1) >= q.sym_size(2), op, ": cos and sin have ", cos3.sym_size(1),

@@ -169,11 +169,13 @@ def _check_parameter_list(arg_names: list[str]) -> None:
 
 
 def _check_grid_orders(module: ModuleType) -> None:
-    """The launcher sends grid_order as aot_specs.GRID_ORDERS numbers it: the kernel must agree."""
-    for value, name in enumerate(aot_specs.GRID_ORDERS):
-        constant = getattr(module, "GRID_" + name.upper(), None)
-        if getattr(constant, "value", constant) != value:
-            raise RuntimeError(f"rope_kernel.GRID_{name.upper()} is {constant}, aot_specs.GRID_ORDERS says {value}")
+    """The launcher sends grid_order and pos_kind as aot_specs.GRID_ORDERS and POS_KINDS number
+    them: the kernel's constants must agree."""
+    for prefix, names in (("GRID_", aot_specs.GRID_ORDERS), ("POS_", aot_specs.POS_KINDS)):
+        for value, name in enumerate(names):
+            constant = getattr(module, prefix + name.upper(), None)
+            if getattr(constant, "value", constant) != value:
+                raise RuntimeError(f"rope_kernel.{prefix}{name.upper()} is {constant}, aot_specs says {value}")
 
 
 def _divisibility_attrs(arg_names: list[str], hinted: tuple[str, ...]) -> dict[tuple[int, ...], Any]:

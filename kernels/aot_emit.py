@@ -38,7 +38,8 @@ SYMBOL_PREFIX = "rope_kernels_aot_cubins_sm"
 # C++ spelling of each axis value, in the index order of aot_specs.
 _CPP_QK = ("QkDtype::kFloat16", "QkDtype::kBFloat16", "QkDtype::kFloat32")
 _CPP_TABLE = ("TableDtype::kSameAsQk", "TableDtype::kFloat32")
-_CPP_POS = ("PosKind::kNone", "PosKind::kInt32", "PosKind::kInt64")
+_CPP_POS = ("PosKind::kNone", "PosKind::kInt32", "PosKind::kInt64", "PosKind::kCuSeqlensInt32",
+            "PosKind::kCuSeqlensInt64")
 
 # KernelImage fields, in the order the aggregate initializers below fill them.
 _KERNEL_IMAGE_FIELDS = ("cubin", "cubin_size", "function_name", "num_warps", "shared_bytes",
@@ -142,12 +143,15 @@ def _order_asserts() -> list[str]:
     for i, name in enumerate(aot_specs.GRID_ORDERS):
         enumerator = "k" + "".join(word.capitalize() for word in name.split("_"))
         out.append(f'static_assert(static_cast<int>(GridOrder::{enumerator}) == {i}, "grid order mismatch");')
+    for i, enumerator in enumerate(_CPP_POS):
+        out.append(f'static_assert(static_cast<int>({enumerator}) == {i}, "positions kind mismatch");')
+    out.append(f'static_assert(kNumPosKinds == {len(aot_specs.POS_KINDS)}, "positions kind count mismatch");')
     for i, value in enumerate(aot_specs.BLOCK_D2_VALUES):
         out.append(f'static_assert(kBlockD2Values[{i}] == {value}, "BLOCK_D2 values mismatch");')
     for v in aot_specs.all_variants():
-        args = ", ".join((_CPP_QK[v.qk], _CPP_TABLE[v.table], str(v.block), _CPP_POS[v.pos],
-                          "true" if v.aligned else "false", "true" if v.even_d else "false",
-                          "true" if v.narrow else "false"))
+        flags = (v.read_interleaved, v.write_interleaved, v.aligned, v.even_d, v.narrow)
+        args = ", ".join((_CPP_QK[v.qk], _CPP_TABLE[v.table], str(v.block))
+                         + tuple("true" if flag else "false" for flag in flags))
         out.append(f'static_assert(variant_index({args}) == {v.index}, "variant order mismatch");')
     return out
 

@@ -16,8 +16,9 @@ KERNEL_NAME = "rope_qk_kernel"
 # Runtime parameters of rope_qk_kernel in launch order, with the Triton type of each scalar.
 # Pointer types and the width of the strides depend on the variant (see Variant.signature);
 # Triton appends its own scratch pointers after these, which the launcher passes as null.
-POINTER_PARAMS = ("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "cos_ptr", "sin_ptr", "pos_ptr")
-I32_PARAMS = ("seq_len", "n_heads_q", "n_heads_k", "half_dim", "table_rows", "sin_sign", "grid_order")
+POINTER_PARAMS = ("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "cos_ptr", "sin_ptr", "pos_ptr", "offsets_ptr")
+I32_PARAMS = ("seq_len", "n_heads_q", "n_heads_k", "rotary_half", "copy_end", "table_rows", "sin_sign",
+              "grid_order", "pos_kind", "n_docs", "offsets_kind")
 STRIDE_PARAMS = (
     "q_stride_b", "q_stride_h", "q_stride_s",
     "k_stride_b", "k_stride_h", "k_stride_s",
@@ -30,15 +31,20 @@ STRIDE_PARAMS = (
 # Values of grid_order, in order: which grid index is which coordinate (the GRID_* constants of
 # rope_kernel.py and the GridOrder enum of kernel_table.h; the build checks both against this).
 GRID_ORDERS = ("flat", "heads_fastest", "sequence_fastest")
+# Values of pos_kind, in order: where a token's table row comes from (the POS_* constants of
+# rope_kernel.py and the PosKind enum of kernel_table.h; the build checks both). A
+# runtime argument, not a specialization: the branch is one scalar test per program, and it keeps
+# the table a third of the size it would be with a variant per kind (docs/performance.md).
+POS_KINDS = ("none", "int32", "int64", "cu_seqlens_int32", "cu_seqlens_int64")
 RUNTIME_PARAMS = POINTER_PARAMS + I32_PARAMS + STRIDE_PARAMS
-NUM_RUNTIME_PARAMS = len(RUNTIME_PARAMS)  # 32, as the launcher passes them
-CONSTEXPR_PARAMS = ("BLOCK_D2", "BLOCK_H", "HAS_POS", "EVEN_D")
+NUM_RUNTIME_PARAMS = len(RUNTIME_PARAMS)  # 37, as the launcher passes them
+CONSTEXPR_PARAMS = ("BLOCK_D2", "BLOCK_H", "EVEN_D", "READ_INTERLEAVED", "WRITE_INTERLEAVED")
 
-# What the launcher may promise in an aligned variant: every pointer but pos_ptr is 16-byte
-# aligned, and half_dim and every q/k/out/cos/sin stride is a multiple of 16 elements. These are
-# the hints that turn the loads and stores into 16-byte vector accesses.
+# What the launcher may promise in an aligned variant: every pointer but pos_ptr and offsets_ptr
+# is 16-byte aligned, and rotary_half, copy_end and every q/k/out/cos/sin stride is a multiple of
+# 16 elements. These are the hints that turn the loads and stores into 16-byte vector accesses.
 ALIGNED_HINTED_PARAMS = (
-    ("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "cos_ptr", "sin_ptr", "half_dim")
+    ("q_ptr", "k_ptr", "q_out_ptr", "k_out_ptr", "cos_ptr", "sin_ptr", "rotary_half", "copy_end")
     + STRIDE_PARAMS[:16]
 )
 # An aligned variant also takes every stride as a 32-bit integer, which the launcher promises by
@@ -52,14 +58,17 @@ GENERAL_STRIDE_BITS = 64
 # Index order of each axis is fixed by the enums of kernel_table.h.
 QK_DTYPES = ("fp16", "bf16", "fp32")  # QkDtype
 TABLE_DTYPES = ("same", "fp32")  # TableDtype: kSameAsQk, kFloat32
-BLOCK_D2_VALUES = (16, 32, 64, 128)  # kBlockD2Values
-POS_KINDS = ("none", "int32", "int64")  # PosKind
+BLOCK_D2_VALUES = (16, 32, 64, 128, 256)  # kBlockD2Values: head_dim up to 512
+# Pair conventions of what is read and of what is written: (i, i + rotary_half) or (2i, 2i + 1).
+# Specializations: an interleaved row is loaded whole and split in registers, a half-split one as
+# two half rows, and the two compile to different memory access patterns.
+INTERLEAVED = (False, True)
 ALIGNED = (False, True)
-# Whether half_dim equals BLOCK_D2, so that q and k need a mask along the heads only (a mask of
+# Whether rotary_half equals BLOCK_D2, so that q and k need a mask along the heads only (a mask of
 # heads and features both is measurably slower on wide grids: docs/performance.md). Used by
 # aligned wide-grid launches only; see Variant.is_built.
 EVEN_D = (False, True)
-# An aligned launch promises half_dim a multiple of this; so where no other multiple lies between
+# An aligned launch promises rotary_half a multiple of this; so where no other multiple lies between
 # BLOCK_D2 and the BLOCK_D2 below it (16 and 32), every aligned launch is an even one.
 ALIGNED_HALF_DIM_MULTIPLE = 16
 # Grid classes: "wide" launches (many programs: bandwidth-bound) and "narrow" ones (few programs:
@@ -67,8 +76,8 @@ ALIGNED_HALF_DIM_MULTIPLE = 16
 # the launcher's rule (kNarrowBelowHeadVectors in csrc/cuda/kernel_table.h; rope::_launch_plan).
 GRID_CLASSES = ("wide", "narrow")
 
-NUM_VARIANTS = (len(QK_DTYPES) * len(TABLE_DTYPES) * len(BLOCK_D2_VALUES) * len(POS_KINDS) * len(ALIGNED)
-                * len(EVEN_D) * len(GRID_CLASSES))
+NUM_VARIANTS = (len(QK_DTYPES) * len(TABLE_DTYPES) * len(BLOCK_D2_VALUES) * len(INTERLEAVED) ** 2
+                * len(ALIGNED) * len(EVEN_D) * len(GRID_CLASSES))
 
 # Architectures (10 * major + minor). The first group must compile; the second is built only
 # where the installed Triton (its LLVM and bundled ptxas) knows it.
@@ -106,21 +115,25 @@ SM90_LAUNCH_SHAPES: dict[tuple[int, int, bool], LaunchShape] = {
     (2, 32, False): LaunchShape(block_h=32, num_warps=2),  # hd64-mha
     (2, 64, False): LaunchShape(block_h=16, num_warps=2),  # llama8b-train, long-128k, seed-example
     (2, 128, False): LaunchShape(block_h=4, num_warps=2),  # hd256-gemma
+    (2, 256, False): LaunchShape(block_h=2, num_warps=2),  # by analogy
     # 16-bit q/k, narrow grids: four warps, 4 pairs per thread (more loads in flight per program).
     (2, 16, True): LaunchShape(block_h=32, num_warps=4),  # by analogy
     (2, 32, True): LaunchShape(block_h=16, num_warps=4),  # by analogy
     (2, 64, True): LaunchShape(block_h=8, num_warps=4),  # decode-b1, decode-b64, small-prefill
     (2, 128, True): LaunchShape(block_h=4, num_warps=4),  # by analogy
+    (2, 256, True): LaunchShape(block_h=2, num_warps=4),  # by analogy
     # 32-bit q/k, wide grids: four warps, 4 pairs per thread (16-byte accesses).
     (4, 16, False): LaunchShape(block_h=32, num_warps=4),  # by analogy
     (4, 32, False): LaunchShape(block_h=16, num_warps=4),  # by analogy
     (4, 64, False): LaunchShape(block_h=8, num_warps=4),  # fp32
     (4, 128, False): LaunchShape(block_h=4, num_warps=4),  # by analogy
+    (4, 256, False): LaunchShape(block_h=2, num_warps=4),  # by analogy
     # 32-bit q/k, narrow grids: four warps, 4 pairs per thread.
     (4, 16, True): LaunchShape(block_h=32, num_warps=4),  # by analogy
     (4, 32, True): LaunchShape(block_h=16, num_warps=4),  # by analogy
     (4, 64, True): LaunchShape(block_h=8, num_warps=4),  # by analogy
     (4, 128, True): LaunchShape(block_h=4, num_warps=4),  # by analogy
+    (4, 256, True): LaunchShape(block_h=2, num_warps=4),  # by analogy
 }
 
 # Per architecture; an architecture not listed (nobody has measured it yet) gets sm_90's shapes.
@@ -142,7 +155,8 @@ class Variant:
     qk: int
     table: int
     block: int
-    pos: int
+    read_interleaved: bool
+    write_interleaved: bool
     aligned: bool
     even_d: bool
     narrow: bool
@@ -153,7 +167,8 @@ class Variant:
         i = self.qk
         i = i * len(TABLE_DTYPES) + self.table
         i = i * len(BLOCK_D2_VALUES) + self.block
-        i = i * len(POS_KINDS) + self.pos
+        i = i * len(INTERLEAVED) + int(self.read_interleaved)
+        i = i * len(INTERLEAVED) + int(self.write_interleaved)
         i = i * len(ALIGNED) + int(self.aligned)
         i = i * len(EVEN_D) + int(self.even_d)
         return i * len(GRID_CLASSES) + int(self.narrow)
@@ -189,7 +204,8 @@ class Variant:
             "qk_dtype": QK_DTYPES[self.qk],
             "table_dtype": TABLE_DTYPES[self.table],
             "block_d2": self.block_d2,
-            "positions": POS_KINDS[self.pos],
+            "read_interleaved": self.read_interleaved,
+            "write_interleaved": self.write_interleaved,
             "aligned": self.aligned,
             "even_d": self.even_d,
             "grid": GRID_CLASSES[int(self.narrow)],
@@ -199,9 +215,9 @@ class Variant:
         """Triton signature of every parameter, constexprs marked as such."""
         qk = "*" + QK_DTYPES[self.qk]
         table = qk if TABLE_DTYPES[self.table] == "same" else "*fp32"
-        # Without positions pos_ptr is still a parameter (the launcher passes 0): type it *i32.
-        pos = "*i64" if POS_KINDS[self.pos] == "int64" else "*i32"
-        sig = dict(zip(POINTER_PARAMS, (qk, qk, qk, qk, table, table, pos), strict=True))
+        # Index tensors of either width come through *i32 pointers (the kernel casts for int64);
+        # without them the launcher passes 0.
+        sig = dict(zip(POINTER_PARAMS, (qk, qk, qk, qk, table, table, "*i32", "*i32"), strict=True))
         sig.update({name: "i32" for name in I32_PARAMS})
         sig.update({name: f"i{self.stride_bits}" for name in STRIDE_PARAMS})
         sig.update({name: "constexpr" for name in CONSTEXPR_PARAMS})
@@ -221,8 +237,9 @@ class Variant:
         return {
             "BLOCK_D2": self.block_d2,
             "BLOCK_H": self.launch(arch).block_h,
-            "HAS_POS": POS_KINDS[self.pos] != "none",
             "EVEN_D": self.even_d,
+            "READ_INTERLEAVED": self.read_interleaved,
+            "WRITE_INTERLEAVED": self.write_interleaved,
         }
 
     def divisible_by_16(self) -> tuple[str, ...]:
@@ -230,9 +247,10 @@ class Variant:
         return ALIGNED_HINTED_PARAMS if self.aligned else ()
 
     def label(self) -> str:
-        """Short name for messages and comments, e.g. bf16/fp32/d64/int32/aligned/even/wide."""
+        """Short name for messages and comments, e.g. bf16/fp32/d64/half-interleaved/aligned/even/wide."""
+        pairs = "-".join("interleaved" if i else "half" for i in (self.read_interleaved, self.write_interleaved))
         return "/".join((QK_DTYPES[self.qk], TABLE_DTYPES[self.table], f"d{self.block_d2}",
-                         POS_KINDS[self.pos], "aligned" if self.aligned else "unaligned",
+                         pairs, "aligned" if self.aligned else "unaligned",
                          "even" if self.even_d else "masked", GRID_CLASSES[int(self.narrow)]))
 
 
@@ -241,11 +259,13 @@ def all_variants() -> Iterator[Variant]:
     for qk in range(len(QK_DTYPES)):
         for table in range(len(TABLE_DTYPES)):
             for block in range(len(BLOCK_D2_VALUES)):
-                for pos in range(len(POS_KINDS)):
-                    for aligned in ALIGNED:
-                        for even_d in EVEN_D:
-                            for narrow in (False, True):
-                                yield Variant(qk, table, block, pos, aligned, even_d, narrow)
+                for read_interleaved in INTERLEAVED:
+                    for write_interleaved in INTERLEAVED:
+                        for aligned in ALIGNED:
+                            for even_d in EVEN_D:
+                                for narrow in (False, True):
+                                    yield Variant(qk, table, block, read_interleaved, write_interleaved, aligned,
+                                                  even_d, narrow)
 
 
 def built_variants() -> list[Variant]:

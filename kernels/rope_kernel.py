@@ -24,7 +24,14 @@ picks them only when every stride fits), the general ones as 64-bit; offsets are
 
 Token (b, s) reads row positions[b, s] (or s, without positions) of the cos/sin table of its
 sequence: one table shared by every sequence (batch stride 0), or one per sequence, as Hugging
-Face models pass the angles of each token, (B, S, D).
+Face models pass the angles of each token, (B, S, D). Packed sequences come as one sequence of T
+tokens with the documents' boundaries cu_seqlens: token s of document j reads row
+s - cu_seqlens[j] (+ seqlen_offsets[j]).
+
+Each head's first 2 * rotary_half features are rotated as rotary_half pairs: (i, i + rotary_half)
+(half-split, NeoX) or (2i, 2i + 1) (interleaved, GPT-J), chosen for reading and for writing apart
+(DeepSeek-V3 reads interleaved pairs and writes half-split ones). Features from 2 * rotary_half to
+copy_end are copied through unchanged (partial rotary; in place, copy_end = 2 * rotary_half).
 
 Forward and backward are the same code: backward is the rotation by the negated angle, which the
 launcher asks for with ``sin_sign = -1``.
@@ -39,11 +46,62 @@ GRID_HEADS_FASTEST = tl.constexpr(1)
 GRID_SEQUENCE_FASTEST = tl.constexpr(2)
 
 
+# Values of pos_kind: where each token's table row comes from (the launcher's PosKind enum holds
+# the same numbers; the generated kernel table asserts it). Index tensors of 64-bit integers are
+# read as such through a cast pointer, 32-bit ones through pos_ptr's own type.
+POS_NONE = tl.constexpr(0)  # row s
+POS_INT32 = tl.constexpr(1)  # positions[b, s]
+POS_INT64 = tl.constexpr(2)
+POS_CU_SEQLENS_INT32 = tl.constexpr(3)  # s - cu_seqlens[document of s] (+ seqlen_offsets[...])
+POS_CU_SEQLENS_INT64 = tl.constexpr(4)
+# Documents whose starts one step of the packed-sequence search compares at once.
+CU_CHUNK = tl.constexpr(128)
+
+
+@triton.jit
+def _load_index(ptr, i, is_int64):
+    """Element i of an int32 or int64 tensor whose address is ptr (typed int32), as int64."""
+    if is_int64:
+        value = tl.load(ptr.to(tl.pointer_type(tl.int64)) + i)
+    else:
+        value = tl.load(ptr + i).to(tl.int64)
+    return value
+
+
+@triton.jit
+def _document_start(cu_ptr, s, n_docs, is_int64):
+    """Index of the last document starting at or before token s, and where it starts: the number
+    of starts <= s, minus one, counted CU_CHUNK starts at a time. Whatever cu_seqlens holds, the
+    index stays in [0, max(n_docs - 1, 0)] (cu_seqlens holds n_docs + 1 entries), so nothing is
+    read out of bounds."""
+    count = 0
+    for first in range(0, n_docs, CU_CHUNK):
+        j = first + tl.arange(0, CU_CHUNK)
+        if is_int64:
+            starts = tl.load(cu_ptr.to(tl.pointer_type(tl.int64)) + j, mask=j < n_docs, other=2**62)
+        else:
+            starts = tl.load(cu_ptr + j, mask=j < n_docs, other=2**31 - 1).to(tl.int64)
+        count += tl.sum((starts <= s).to(tl.int32), axis=0)
+    doc = tl.maximum(tl.minimum(count - 1, n_docs - 1), 0)
+    return doc, _load_index(cu_ptr, doc, is_int64)
+
+
+@triton.jit
+def _tiles(q_base, k_base, q_rows, k_rows, is_q, features):
+    """(BLOCK_H, F) pointers to `features` of each row's head, in q or in k. Chosen per element
+    between whole pointer tiles: the condition is constant along a row, so the compiler keeps the
+    rows' 16-byte vector accesses (a choice between per-row base pointers, broadcast afterwards,
+    compiles to scalar accesses)."""
+    return tl.where(is_q, q_base + (q_rows[:, None] + features[None, :]),
+                    k_base + (k_rows[:, None] + features[None, :]))
+
+
 @triton.jit
 def rope_qk_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr,
-    cos_ptr, sin_ptr, pos_ptr,
-    seq_len, n_heads_q, n_heads_k, half_dim, table_rows, sin_sign, grid_order,
+    cos_ptr, sin_ptr, pos_ptr, offsets_ptr,
+    seq_len, n_heads_q, n_heads_k, rotary_half, copy_end, table_rows, sin_sign, grid_order,
+    pos_kind, n_docs, offsets_kind,
     q_stride_b, q_stride_h, q_stride_s,
     k_stride_b, k_stride_h, k_stride_s,
     q_out_stride_b, q_out_stride_h, q_out_stride_s,
@@ -51,10 +109,11 @@ def rope_qk_kernel(
     cos_stride_row, sin_stride_row,
     cos_stride_b, sin_stride_b,  # 0 for one table shared by every sequence
     pos_stride_b, pos_stride_s,
-    BLOCK_D2: tl.constexpr,  # half_dim rounded up to a power of two
+    BLOCK_D2: tl.constexpr,  # rotary_half rounded up to a power of two
     BLOCK_H: tl.constexpr,  # heads per program
-    HAS_POS: tl.constexpr,  # positions tensor given (int32 or int64, from pos_ptr's type)
-    EVEN_D: tl.constexpr,  # half_dim == BLOCK_D2: no feature of a row is masked
+    EVEN_D: tl.constexpr,  # rotary_half == BLOCK_D2: no rotated feature of a row is masked
+    READ_INTERLEAVED: tl.constexpr,  # pairs (2i, 2i + 1) in q and k, else (i, i + rotary_half)
+    WRITE_INTERLEAVED: tl.constexpr,  # the same for the outputs
 ):
     if grid_order == GRID_HEADS_FASTEST:
         # (head blocks, seq_len, batch): neighbouring programs read neighbouring memory when a
@@ -88,34 +147,44 @@ def rope_qk_kernel(
     heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
     is_q = (heads < n_heads_q)[:, None]
     k_heads = heads - n_heads_q  # negative on q's rows, whose k addresses are never used
-    d = tl.arange(0, BLOCK_D2)
-    d_ok = d < half_dim
     head_ok = (heads < n_heads_q + n_heads_k)[:, None]
+    q_rows = b * q_stride_b + s * q_stride_s + heads.to(tl.int64) * q_stride_h
+    k_rows = b * k_stride_b + s * k_stride_s + k_heads.to(tl.int64) * k_stride_h
+    q_out_rows = b * q_out_stride_b + s * q_out_stride_s + heads.to(tl.int64) * q_out_stride_h
+    k_out_rows = b * k_out_stride_b + s * k_out_stride_s + k_heads.to(tl.int64) * k_out_stride_h
+
+    d = tl.arange(0, BLOCK_D2)  # pair index
+    d_ok = d < rotary_half
+    f = tl.arange(0, 2 * BLOCK_D2)  # feature index within the rotated part
     if EVEN_D:
         # A mask along heads only: a mask over heads and features both is slower on wide grids
         # (docs/performance.md).
-        mask = tl.broadcast_to(head_ok, (BLOCK_H, BLOCK_D2))
+        pair_mask = tl.broadcast_to(head_ok, (BLOCK_H, BLOCK_D2))
+        feature_mask = tl.broadcast_to(head_ok, (BLOCK_H, 2 * BLOCK_D2))
     else:
-        mask = head_ok & d_ok[None, :]
-    q_tile = b * q_stride_b + s * q_stride_s + heads.to(tl.int64)[:, None] * q_stride_h + d[None, :]
-    k_tile = b * k_stride_b + s * k_stride_s + k_heads.to(tl.int64)[:, None] * k_stride_h + d[None, :]
-    q_out_tile = b * q_out_stride_b + s * q_out_stride_s + heads.to(tl.int64)[:, None] * q_out_stride_h + d[None, :]
-    k_out_tile = b * k_out_stride_b + s * k_out_stride_s + k_heads.to(tl.int64)[:, None] * k_out_stride_h + d[None, :]
-    # Chosen per element between whole pointer tiles: the condition is constant along a row, so
-    # the compiler keeps the rows' 16-byte vector accesses (a choice between per-row base
-    # pointers, broadcast afterwards, compiles to scalar accesses).
-    src_tile = tl.where(is_q, q_ptr + q_tile, k_ptr + k_tile)
-    dst_tile = tl.where(is_q, q_out_ptr + q_out_tile, k_out_ptr + k_out_tile)
+        pair_mask = head_ok & d_ok[None, :]
+        feature_mask = head_ok & (f < 2 * rotary_half)[None, :]
 
     # q/k first: their addresses need no other load, so they are in flight while the position
-    # and then its cos/sin row (a chain of two dependent loads) arrive.
-    x1 = tl.load(src_tile, mask=mask).to(tl.float32)
-    x2 = tl.load(src_tile + half_dim, mask=mask).to(tl.float32)
-
-    if HAS_POS:
-        row = tl.load(pos_ptr + b * pos_stride_b + s * pos_stride_s).to(tl.int64)
+    # and then its cos/sin row (a chain of dependent loads) arrive.
+    if READ_INTERLEAVED:
+        # Whole rows in 16-byte vectors, then each pair split in registers.
+        x = tl.load(_tiles(q_ptr, k_ptr, q_rows, k_rows, is_q, f), mask=feature_mask).to(tl.float32)
+        x1, x2 = tl.split(tl.reshape(x, (BLOCK_H, BLOCK_D2, 2)))
     else:
+        src = _tiles(q_ptr, k_ptr, q_rows, k_rows, is_q, d)
+        x1 = tl.load(src, mask=pair_mask).to(tl.float32)
+        x2 = tl.load(src + rotary_half, mask=pair_mask).to(tl.float32)
+
+    if pos_kind == POS_NONE:
         row = s
+    elif pos_kind <= POS_INT64:
+        row = _load_index(pos_ptr, b * pos_stride_b + s * pos_stride_s, pos_kind == POS_INT64)
+    else:
+        doc, doc_start = _document_start(pos_ptr, s, n_docs, pos_kind == POS_CU_SEQLENS_INT64)
+        row = s - doc_start
+        if offsets_kind != POS_NONE:
+            row += _load_index(offsets_ptr, doc, offsets_kind == POS_INT64)
     # A position outside the table must not read out of bounds: such a token's outputs are NaN
     # (documented), which makes the bad input visible instead of silently rotating by a wrong angle.
     row_ok = (row >= 0) & (row < table_rows)
@@ -132,5 +201,20 @@ def rope_qk_kernel(
     sin = sin * sin_sign  # int32 times float32 is float32 (and a plain 1 where Triton specializes it)
 
     out_ty = q_out_ptr.dtype.element_ty
-    tl.store(dst_tile, (x1 * cos[None, :] - x2 * sin[None, :]).to(out_ty), mask=mask)
-    tl.store(dst_tile + half_dim, (x2 * cos[None, :] + x1 * sin[None, :]).to(out_ty), mask=mask)
+    out1 = x1 * cos[None, :] - x2 * sin[None, :]
+    out2 = x2 * cos[None, :] + x1 * sin[None, :]
+    if WRITE_INTERLEAVED:
+        out = tl.reshape(tl.join(out1, out2), (BLOCK_H, 2 * BLOCK_D2))
+        tl.store(_tiles(q_out_ptr, k_out_ptr, q_out_rows, k_out_rows, is_q, f), out.to(out_ty), mask=feature_mask)
+    else:
+        dst = _tiles(q_out_ptr, k_out_ptr, q_out_rows, k_out_rows, is_q, d)
+        tl.store(dst, out1.to(out_ty), mask=pair_mask)
+        tl.store(dst + rotary_half, out2.to(out_ty), mask=pair_mask)
+
+    # Partial rotary: the features after the rotated ones, copied 2 * BLOCK_D2 at a time (no
+    # iteration for a whole-head rotation, nor in place).
+    for first in range(2 * rotary_half, copy_end, 2 * BLOCK_D2):
+        rest = first + f
+        rest_mask = head_ok & (rest < copy_end)[None, :]
+        kept = tl.load(_tiles(q_ptr, k_ptr, q_rows, k_rows, is_q, rest), mask=rest_mask)
+        tl.store(_tiles(q_out_ptr, k_out_ptr, q_out_rows, k_out_rows, is_q, rest), kept, mask=rest_mask)

@@ -5,6 +5,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "autograd/saved_options.h"
 #include "op_handles.h"
 
 namespace rope_kernels {
@@ -23,28 +24,28 @@ struct RotateFunction : public torch::autograd::Function<RotateFunction<kInverse
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
                                                 const at::Tensor& k, const at::Tensor& cos,
                                                 const at::Tensor& sin,
-                                                const std::optional<at::Tensor>& positions) {
-    ctx->save_for_backward({cos, sin, positions.value_or(at::Tensor())});
+                                                const std::optional<at::Tensor>& positions, const Options& options) {
+    save_options(ctx, cos, sin, positions, options);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [q_out, k_out] = rotate_op(kInverse).call(q, k, cos, sin, positions);
+    auto [q_out, k_out] = call_with(rotate_op(kInverse), options, q, k, cos, sin, positions);
     return {q_out, k_out};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const std::optional<at::Tensor> positions =
-        saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
+    const Options options = saved_options(ctx, saved);
     // grads are materialized (zeros) when a loss uses only one of the outputs.
-    auto [grad_q, grad_k] = rotate_op(!kInverse).call(grads[0], grads[1], saved[0], saved[1], positions);
-    return {grad_q, grad_k, at::Tensor(), at::Tensor(), at::Tensor()};
+    auto [grad_q, grad_k] =
+        call_with(rotate_op(!kInverse), options, grads[0], grads[1], saved[0], saved[1], saved_or_none(saved[2]));
+    return {grad_q, grad_k, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 template <bool kInverse>
 std::tuple<at::Tensor, at::Tensor> rotate_autograd(c10::DispatchKeySet keys, const at::Tensor& q,
                                                    const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
-                                                   const std::optional<at::Tensor>& positions) {
+                                                   const std::optional<at::Tensor>& positions, ROPE_OPTION_PARAMS) {
   // cos/sin are treated as constants; a silent zero gradient for them would be a wrong answer.
   // Checked here, not in forward(), where autograd has already switched grad mode off.
   const bool table_needs_grad = at::GradMode::is_enabled() && (cos.requires_grad() || sin.requires_grad());
@@ -60,9 +61,10 @@ std::tuple<at::Tensor, at::Tensor> rotate_autograd(c10::DispatchKeySet keys, con
   // rather than by a fresh call that would compute them again.
   if (!records && !q._fw_grad(/*level=*/0).defined() && !k._fw_grad(/*level=*/0).defined()) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return rotate_op(kInverse).redispatch(keys & c10::after_autograd_keyset, q, k, cos, sin, positions);
+    return rotate_op(kInverse).redispatch(keys & c10::after_autograd_keyset, q, k, cos, sin, positions,
+                                          ROPE_OPTION_ARGS);
   }
-  const auto outputs = RotateFunction<kInverse>::apply(q, k, cos, sin, positions);
+  const auto outputs = RotateFunction<kInverse>::apply(q, k, cos, sin, positions, options_of(ROPE_OPTION_ARGS));
   return {outputs[0], outputs[1]};
 }
 

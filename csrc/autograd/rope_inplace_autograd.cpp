@@ -17,7 +17,9 @@
 #include <optional>
 #include <tuple>
 
+#include "autograd/saved_options.h"
 #include "op_handles.h"
+#include "rope_inputs.h"
 
 namespace rope_kernels {
 namespace {
@@ -27,28 +29,31 @@ namespace {
 struct RotatedInPlace : public torch::autograd::Function<RotatedInPlace> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& rotated,
                                                 const at::Tensor& cos, const at::Tensor& sin,
-                                                const std::optional<at::Tensor>& positions) {
+                                                const std::optional<at::Tensor>& positions, const Options& options) {
     ctx->mark_dirty({rotated});
-    ctx->save_for_backward({cos, sin, positions.value_or(at::Tensor())});
+    save_options(ctx, cos, sin, positions, options);
     return {rotated};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const std::optional<at::Tensor> positions =
-        saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
+    const Options options = saved_options(ctx, saved);
     const at::Tensor& grad = grads[0];
     // fused_qk_backward rotates a (q, k) pair; given a k with no heads (an empty view of the
     // gradient, no allocation) it rotates this one gradient alone.
-    auto [grad_in, no_heads] = fused_qk_backward_op().call(grad, grad.narrow(1, 0, 0), saved[0], saved[1], positions);
-    return {grad_in, at::Tensor(), at::Tensor(), at::Tensor()};
+    const at::Tensor no_heads = grad.narrow(heads_dim(parse_layout("rope::fused_qk_", options.layout)), 0, 0);
+    auto [grad_in, unused] =
+        call_with(fused_qk_backward_op(), options, grad, no_heads, saved[0], saved[1], saved_or_none(saved[2]));
+    return {grad_in, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_autograd(at::Tensor& q, at::Tensor& k, const at::Tensor& cos,
                                                               const at::Tensor& sin,
-                                                              const std::optional<at::Tensor>& positions) {
+                                                              const std::optional<at::Tensor>& positions,
+                                                              ROPE_OPTION_PARAMS) {
+  const Options options = options_of(ROPE_OPTION_ARGS);
   const bool grad_mode = at::GradMode::is_enabled();
   TORCH_CHECK(!(grad_mode && (cos.requires_grad() || sin.requires_grad())),
               "rope::fused_qk_: gradients with respect to cos/sin are not supported; pass them detached "
@@ -62,13 +67,13 @@ std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_autograd(at::Tensor& q, at::
   {
     // Below autograd but above ADInplaceOrView, where the version counters are bumped.
     at::AutoDispatchBelowAutograd below_autograd;
-    fused_qk_inplace_op().call(q, k, cos, sin, positions);
+    fused_qk_inplace_op().call(q, k, cos, sin, positions, ROPE_OPTION_ARGS);
   }
   if (q_needs_grad) {
-    RotatedInPlace::apply(q, cos, sin, positions);
+    RotatedInPlace::apply(q, cos, sin, positions, options);
   }
   if (k_needs_grad) {
-    RotatedInPlace::apply(k, cos, sin, positions);
+    RotatedInPlace::apply(k, cos, sin, positions, options);
   }
   return {q, k};
 }
@@ -77,10 +82,11 @@ std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_autograd(at::Tensor& q, at::
 // that a backward which saved q or k before the rotation raises instead of using new values.
 std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_ad_inplace_or_view(at::Tensor& q, at::Tensor& k,
                                                                         const at::Tensor& cos, const at::Tensor& sin,
-                                                                        const std::optional<at::Tensor>& positions) {
+                                                                        const std::optional<at::Tensor>& positions,
+                                                                        ROPE_OPTION_PARAMS) {
   {
     at::AutoDispatchBelowADInplaceOrView below;
-    fused_qk_inplace_op().call(q, k, cos, sin, positions);
+    fused_qk_inplace_op().call(q, k, cos, sin, positions, ROPE_OPTION_ARGS);
   }
   torch::autograd::increment_version(q);
   torch::autograd::increment_version(k);

@@ -12,25 +12,35 @@ enum class QkDtype : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
 constexpr int kNumQkDtypes = 3;
 constexpr const char* kQkDtypeNames[kNumQkDtypes] = {"float16", "bfloat16", "float32"};  // torch's names
 enum class TableDtype : int { kSameAsQk = 0, kFloat32 = 1 };
-enum class PosKind : int { kNone = 0, kInt32 = 1, kInt64 = 2 };
-constexpr int kNumBlockD2 = 4;
-constexpr int kBlockD2Values[kNumBlockD2] = {16, 32, 64, 128};
+// Where a token's table row comes from: the kernel's runtime pos_kind argument (rope_kernel.py's
+// POS_* values; aot_specs.POS_KINDS lists them in this order, and the generated table asserts it).
+// kNone and the int kinds double as offsets_kind (no offsets, int32, int64).
+enum class PosKind : int { kNone = 0, kInt32 = 1, kInt64 = 2, kCuSeqlensInt32 = 3, kCuSeqlensInt64 = 4 };
+constexpr int kNumPosKinds = 5;
+constexpr int kNumBlockD2 = 5;
+constexpr int kBlockD2Values[kNumBlockD2] = {16, 32, 64, 128, 256};
 // The largest head_dim the kernels rotate: two halves of the largest BLOCK_D2 the table holds.
 // check_and_normalize refuses larger ones on CUDA, for real and fake tensors alike, and
 // build_info() reports it ("cuda_kernels": {"max_head_dim": ...}).
 constexpr int kMaxHeadDim = 2 * kBlockD2Values[kNumBlockD2 - 1];
-constexpr int kNumVariants = 576;
+constexpr int kNumVariants = 960;
 
-// Mixed-radix position of one specialization: qk dtype (3) x table dtype (2) x BLOCK_D2 (4)
-// x positions kind (3) x aligned (2) x even (2: half_dim == BLOCK_D2, so the kernel masks heads
-// only) x grid class (2: wide, narrow). Plain arithmetic, so choosing a kernel costs no lookup.
-// Not every slot is built: aot_specs.Variant.is_built says which.
-constexpr int variant_index(QkDtype qk, TableDtype table, int block_d2_index, PosKind pos, bool aligned,
-                            bool even_d, bool narrow) {
-  return ((((((static_cast<int>(qk) * 2 + static_cast<int>(table)) * kNumBlockD2 + block_d2_index) * 3 +
-             static_cast<int>(pos)) * 2 + (aligned ? 1 : 0)) * 2 + (even_d ? 1 : 0)) * 2) + (narrow ? 1 : 0);
+// Mixed-radix position of one specialization: qk dtype (3) x table dtype (2) x BLOCK_D2 (5)
+// x pairs read interleaved (2) x pairs written interleaved (2) x aligned (2) x even (2:
+// rotary_half == BLOCK_D2, so the kernel masks heads only) x grid class (2: wide, narrow). Plain
+// arithmetic, so choosing a kernel costs no lookup. Not every slot is built:
+// aot_specs.Variant.is_built says which.
+constexpr int variant_index(QkDtype qk, TableDtype table, int block_d2_index, bool read_interleaved,
+                            bool write_interleaved, bool aligned, bool even_d, bool narrow) {
+  int i = static_cast<int>(qk) * 2 + static_cast<int>(table);
+  i = i * kNumBlockD2 + block_d2_index;
+  i = i * 2 + (read_interleaved ? 1 : 0);
+  i = i * 2 + (write_interleaved ? 1 : 0);
+  i = i * 2 + (aligned ? 1 : 0);
+  i = i * 2 + (even_d ? 1 : 0);
+  return i * 2 + (narrow ? 1 : 0);
 }
-static_assert(variant_index(QkDtype::kFloat32, TableDtype::kFloat32, kNumBlockD2 - 1, PosKind::kInt64, true, true,
+static_assert(variant_index(QkDtype::kFloat32, TableDtype::kFloat32, kNumBlockD2 - 1, true, true, true, true,
                             true) == kNumVariants - 1,
               "kNumVariants must count every combination of variant_index");
 

@@ -44,17 +44,7 @@ Grid choose_grid(const char* op, const RopeInputs& in, int64_t head_blocks, int 
 
 const char* dtype_name(QkDtype dtype) { return kQkDtypeNames[static_cast<int>(dtype)]; }
 
-const char* positions_name(PosKind pos) {
-  switch (pos) {
-    case PosKind::kNone:
-      return "none";
-    case PosKind::kInt32:
-      return "int32";
-    case PosKind::kInt64:
-      return "int64";
-  }
-  return "?";
-}
+const char* pairs_name(bool interleaved) { return interleaved ? "interleaved" : "half-split"; }
 
 QkDtype qk_dtype_of(const char* op, at::ScalarType dtype) {
   switch (dtype) {
@@ -81,20 +71,31 @@ TableDtype table_dtype_of(const char* op, at::ScalarType table, at::ScalarType q
   return TableDtype::kFloat32;
 }
 
-// The smallest BLOCK_D2 >= half_dim; check_and_normalize refuses a larger head_dim on CUDA.
-int block_d2_index_of(int64_t half_dim) {
+// The smallest BLOCK_D2 >= rotary_half; check_and_normalize refuses a larger head_dim on CUDA.
+int block_d2_index_of(int64_t rotary_half) {
   int index = 0;
-  while (index < kNumBlockD2 - 1 && kBlockD2Values[index] < half_dim) {
+  while (index < kNumBlockD2 - 1 && kBlockD2Values[index] < rotary_half) {
     ++index;
   }
   return index;
 }
 
-PosKind positions_kind_of(const std::optional<at::Tensor>& positions) {
-  if (!positions.has_value()) {
+// Where each token's row comes from: positions, the packed documents' boundaries, or its index.
+PosKind positions_kind_of(const RopeInputs& in) {
+  if (in.cu_seqlens.has_value()) {
+    return in.cu_seqlens->scalar_type() == at::kInt ? PosKind::kCuSeqlensInt32 : PosKind::kCuSeqlensInt64;
+  }
+  if (!in.positions.has_value()) {
     return PosKind::kNone;
   }
-  return positions->scalar_type() == at::kInt ? PosKind::kInt32 : PosKind::kInt64;
+  return in.positions->scalar_type() == at::kInt ? PosKind::kInt32 : PosKind::kInt64;
+}
+
+PosKind offsets_kind_of(const RopeInputs& in) {
+  if (!in.seqlen_offsets.has_value()) {
+    return PosKind::kNone;
+  }
+  return in.seqlen_offsets->scalar_type() == at::kInt ? PosKind::kInt32 : PosKind::kInt64;
 }
 
 // A size-1 dimension is only ever indexed at 0, so its stride is irrelevant: passing 0 lets
@@ -114,8 +115,8 @@ int32_t as_int32(const char* op, const char* what, int64_t value) {
   return static_cast<int32_t>(value);
 }
 
-// Every value the aligned variant hints with `:16` (16-byte aligned pointers except pos_ptr;
-// half_dim and every q/k/out/cos/sin stride divisible by 16). A hint that does not hold gives
+// Every value the aligned variant hints with `:16` (16-byte aligned pointers except pos_ptr and
+// offsets_ptr; rotary_half, copy_end and every q/k/out/cos/sin stride divisible by 16). A hint that does not hold gives
 // wrong vector loads, so the aligned cubin is chosen only when all of them hold.
 bool alignment_hints_hold(const KernelArgs& a) {
   const CUdeviceptr pointers[] = {a.q_ptr, a.k_ptr, a.q_out_ptr, a.k_out_ptr, a.cos_ptr, a.sin_ptr};
@@ -124,7 +125,7 @@ bool alignment_hints_hold(const KernelArgs& a) {
       return false;
     }
   }
-  if (a.half_dim % 16 != 0) {
+  if (a.rotary_half % 16 != 0 || a.copy_end % 16 != 0) {
     return false;
   }
   for (int i = 0; i < kNumHintedStrides; ++i) {
@@ -167,14 +168,24 @@ KernelArgs make_args(const char* op, const RopeInputs& in, const at::Tensor& q_o
   a.k_out_ptr = device_address(k_out);
   a.cos_ptr = device_address(in.cos);
   a.sin_ptr = device_address(in.sin);
-  a.pos_ptr = in.positions.has_value() ? device_address(*in.positions) : 0;
+  const PosKind pos_kind = positions_kind_of(in);
+  a.pos_ptr = in.cu_seqlens.has_value()  ? device_address(*in.cu_seqlens)
+              : in.positions.has_value() ? device_address(*in.positions)
+                                         : 0;
+  a.offsets_ptr = in.seqlen_offsets.has_value() ? device_address(*in.seqlen_offsets) : 0;
 
   a.seq_len = as_int32(op, "the sequence length", q.size(2));
   a.n_heads_q = as_int32(op, "the number of q heads", q.size(1));
   a.n_heads_k = as_int32(op, "the number of k heads", k.size(1));
-  a.half_dim = as_int32(op, "head_dim/2", q.size(3) / 2);
+  a.rotary_half = as_int32(op, "rotary_dim/2", in.rotary_half.expect_int());
+  // In place, the features past rotary_dim stay where they are: nothing to copy.
+  const bool in_place = q_out.data_ptr() == q.data_ptr() && k_out.data_ptr() == k.data_ptr();
+  a.copy_end = in_place ? 2 * a.rotary_half : as_int32(op, "head_dim", q.size(3));
   a.table_rows = as_int32(op, "the number of cos/sin rows", in.cos.size(1));
   a.sin_sign = sin_sign;
+  a.pos_kind = static_cast<int32_t>(pos_kind);
+  a.n_docs = in.cu_seqlens.has_value() ? as_int32(op, "the number of documents", in.cu_seqlens->size(0) - 1) : 0;
+  a.offsets_kind = static_cast<int32_t>(offsets_kind_of(in));
 
   // Batch, head and sequence strides (dims 0, 1, 2) of q, k, q_out and k_out, in that order.
   const at::Tensor* const addressed[] = {&q, &k, &q_out, &k_out};
@@ -197,7 +208,8 @@ KernelArgs make_args(const char* op, const RopeInputs& in, const at::Tensor& q_o
 std::string describe_variant(const Variant& v) {
   std::string out = std::string("q/k ") + dtype_name(v.qk) + ", cos/sin " +
                     (v.table == TableDtype::kFloat32 ? "float32" : dtype_name(v.qk)) + ", BLOCK_D2 " +
-                    std::to_string(kBlockD2Values[v.block_d2_index]) + ", positions " + positions_name(v.pos) +
+                    std::to_string(kBlockD2Values[v.block_d2_index]) + ", " + pairs_name(v.read_interleaved) +
+                    " pairs in, " + pairs_name(v.write_interleaved) + " out" +
                     (v.aligned ? ", aligned" : ", unaligned") + (v.even_d ? ", even" : "") +
                     (v.narrow ? ", narrow grid" : ", wide grid") +
                     " (variant " + std::to_string(v.index()) + ")";
@@ -264,16 +276,21 @@ LaunchPlan plan_launch(const char* op, const RopeInputs& in, const at::Tensor& q
   const KernelArgs& args = plan.args;
   const int64_t tokens = in.q.size(0) * in.q.size(2);
   const int64_t heads = in.q.size(1) + in.k.size(1);  // 32-bit head index: check_grid_limits
-  const int block_d2_index = block_d2_index_of(args.half_dim);
+  const int block_d2_index = block_d2_index_of(args.rotary_half);
   const bool strides_fit_32_bits = strides_fit_int32(args);
   const bool aligned = alignment_hints_hold(args) && strides_fit_32_bits;
   const bool narrow = tokens * heads < kNarrowBelowHeadVectors;
-  // The even variants serve aligned wide grids whose rows fill BLOCK_D2 (head_dim 32, 64, 128,
-  // 256): aot_specs.Variant.is_built builds exactly those.
-  const bool even_d = aligned && !narrow && args.half_dim == kBlockD2Values[block_d2_index];
+  // The even variants serve aligned wide grids whose rotated rows fill BLOCK_D2 (rotary_dim 32,
+  // 64, 128, 256, 512): aot_specs.Variant.is_built builds exactly those.
+  const bool even_d = aligned && !narrow && args.rotary_half == kBlockD2Values[block_d2_index];
   plan.variant = Variant{qk_dtype_of(op, in.q.scalar_type()),
                          table_dtype_of(op, in.cos.scalar_type(), in.q.scalar_type()),
-                         block_d2_index, positions_kind_of(in.positions), aligned, even_d, narrow};
+                         block_d2_index,
+                         in.read_interleaved,
+                         in.write_interleaved,
+                         aligned,
+                         even_d,
+                         narrow};
 
   const ArchKernels* arch = select_arch(capability);
   TORCH_CHECK(arch != nullptr, op, ": no kernel for this GPU (sm_", capability, "); this build has ",

@@ -22,12 +22,15 @@ struct Variant {
   QkDtype qk;
   TableDtype table;
   int block_d2_index;
-  PosKind pos;
+  bool read_interleaved;   // pairs (2i, 2i + 1) in q and k
+  bool write_interleaved;  // and in the outputs
   bool aligned;
-  bool even_d;  // half_dim == BLOCK_D2: masks along the heads only
+  bool even_d;  // rotary_half == BLOCK_D2: masks along the heads only
   bool narrow;
 
-  int index() const { return variant_index(qk, table, block_d2_index, pos, aligned, even_d, narrow); }
+  int index() const {
+    return variant_index(qk, table, block_d2_index, read_interleaved, write_interleaved, aligned, even_d, narrow);
+  }
 };
 
 // The kernel's strides in launch order (aot_specs.STRIDE_PARAMS): all but the positions' are
@@ -44,21 +47,27 @@ enum StrideParam : int {
   kNumStrideParams
 };
 
-// rope_qk_kernel's launch parameters (contract order): 7 pointers, 7 int32, 18 strides (int32 in
-// the aligned variants, int64 in the general ones).
-constexpr int kNumKernelParams = 32;
+// rope_qk_kernel's launch parameters (contract order, aot_specs.RUNTIME_PARAMS): 8 pointers, 11
+// int32, 18 strides (int32 in the aligned variants, int64 in the general ones).
+constexpr int kNumPointerParams = 8;
+constexpr int kNumInt32Params = 11;
+constexpr int kNumKernelParams = 37;
 
 // The kernel's parameters as locals of the exact C types the cubin reads: CUdeviceptr for
 // pointers, int32_t for i32; the strides in 64 bits and, for a cubin that takes them in 32
 // (the aligned variants), narrowed copies. Their addresses make the launch's argument array.
 struct KernelArgs {
-  CUdeviceptr q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, pos_ptr;
-  int32_t seq_len, n_heads_q, n_heads_k, half_dim, table_rows, sin_sign, grid_order;
+  // pos_ptr: positions, or cu_seqlens for packed sequences; offsets_ptr: seqlen_offsets (0: none).
+  CUdeviceptr q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, pos_ptr, offsets_ptr;
+  // rotary_half: pairs rotated per head; copy_end: features [2 * rotary_half, copy_end) are
+  // copied through; pos_kind and offsets_kind: PosKind values; n_docs: packed documents.
+  int32_t seq_len, n_heads_q, n_heads_k, rotary_half, copy_end, table_rows, sin_sign, grid_order, pos_kind, n_docs,
+      offsets_kind;
   int64_t strides[kNumStrideParams];
   int32_t strides32[kNumStrideParams];
 };
-static_assert(7 + 7 + kNumStrideParams == kNumKernelParams,
-              "KernelArgs must hold exactly the kernel's 32 parameters (update the argument array with it)");
+static_assert(kNumPointerParams + kNumInt32Params + kNumStrideParams == kNumKernelParams,
+              "KernelArgs must hold exactly the kernel's parameters (update the argument array with it)");
 
 // A launch's grid and what the kernel must be told about it.
 struct Grid {
@@ -88,8 +97,9 @@ struct LaunchPlan {
 void check_grid_limits(const char* op, const RopeInputs& in);
 
 // The plan of rotating in.q and in.k (sin multiplied by sin_sign: +1 forward, -1 backward) into
-// q_out and k_out on a device of this capability (10 * major + minor). Raises `<op>: ...` when no
-// built kernel serves it.
+// q_out and k_out, (B, H, S, D) views like in.q and in.k, on a device of this capability (10 *
+// major + minor). Outputs at the inputs' addresses are an in-place rotation, which leaves the
+// features past rotary_dim where they are. Raises `<op>: ...` when no built kernel serves it.
 LaunchPlan plan_launch(const char* op, const RopeInputs& in, const at::Tensor& q_out, const at::Tensor& k_out,
                        int sin_sign, int capability, const PlanOverrides& overrides = {});
 

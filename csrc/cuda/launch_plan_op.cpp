@@ -1,6 +1,7 @@
 // rope::_launch_plan: the launcher's plan (launch_plan.h) as plain values, for the tests and the
 // tuner. Needs no GPU: CPU tensors are planned as CUDA tensors of the same metadata would be.
 #include "cuda/launch_plan.h"
+#include "op_handles.h"
 #include "rope_inputs.h"
 
 #include <ATen/core/Tensor.h>
@@ -28,15 +29,20 @@ std::vector<int64_t> plan_values(const LaunchPlan& plan) {
           plan.grid.y,
           plan.grid.z,
           static_cast<int64_t>(plan.grid.order),
-          plan.image->stride_bits};
+          plan.image->stride_bits,
+          v.read_interleaved ? 1 : 0,
+          v.write_interleaved ? 1 : 0,
+          plan.args.pos_kind,
+          plan.args.rotary_half,
+          plan.args.copy_end};
 }
 
 std::vector<int64_t> launch_plan_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                     const at::Tensor& sin, const std::optional<at::Tensor>& positions,
                                     int64_t capability, bool inplace, std::optional<int64_t> block_h,
-                                    std::optional<bool> heads_fastest) {
+                                    std::optional<bool> heads_fastest, ROPE_OPTION_PARAMS) {
   const char* op = "rope::_launch_plan";
-  const RopeInputs in = check_and_normalize(op, q, k, cos, sin, positions);
+  const RopeInputs in = check_and_normalize(op, q, k, cos, sin, positions, options_of(ROPE_OPTION_ARGS));
   TORCH_CHECK(capability > 0 && capability < 1000, op, ": capability must be 10 * major + minor; got ",
               capability);
   PlanOverrides overrides;
@@ -50,7 +56,8 @@ std::vector<int64_t> launch_plan_op(const at::Tensor& q, const at::Tensor& k, co
     return plan_values(plan_launch(op, in, in.q, in.k, +1, static_cast<int>(capability), overrides));
   }
   const auto [q_out, k_out] = allocate_outputs(q, k);
-  return plan_values(plan_launch(op, in, q_out, k_out, +1, static_cast<int>(capability), overrides));
+  return plan_values(plan_launch(op, in, as_bhsd(q_out, in.layout), as_bhsd(k_out, in.layout), +1,
+                                 static_cast<int>(capability), overrides));
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace rope_kernels::cuda {
@@ -34,10 +35,11 @@ at::Tensor cuda_output_like(const at::Tensor& t) {
 
 std::tuple<at::Tensor, at::Tensor> rotate_on_cuda(const char* op, const at::Tensor& q, const at::Tensor& k,
                                                   const at::Tensor& cos, const at::Tensor& sin,
-                                                  const std::optional<at::Tensor>& positions, int sin_sign) {
+                                                  const std::optional<at::Tensor>& positions, const Options& options,
+                                                  Direction direction) {
   // Validation first: it also establishes that every tensor is on q's device, which the guard
   // below relies on.
-  const RopeInputs in = check_and_normalize(op, q, k, cos, sin, positions);
+  const RopeInputs in = check_and_normalize(op, q, k, cos, sin, positions, options, direction);
   check_grid_limits(op, in);
   // c10::DeviceGuard on a CUDA device is c10::cuda::CUDAGuard reached through the guard
   // implementation torch registers; unlike CUDAGuard's inline code it references no CUDA runtime
@@ -46,20 +48,25 @@ std::tuple<at::Tensor, at::Tensor> rotate_on_cuda(const char* op, const at::Tens
   // From the caller's q and k (not their normalized views), as on every other backend.
   at::Tensor q_out = cuda_output_like(q);
   at::Tensor k_out = cuda_output_like(k);
-  launch_rope(op, in, q_out, k_out, sin_sign);
+  launch_rope(op, in, as_bhsd(q_out, in.layout), as_bhsd(k_out, in.layout),
+              direction == Direction::kBackward ? -1 : +1);
   return {q_out, k_out};
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_qk_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
-                                                 const at::Tensor& sin, const std::optional<at::Tensor>& positions) {
-  return rotate_on_cuda("rope::fused_qk", q, k, cos, sin, positions, +1);
+                                                 const at::Tensor& sin, const std::optional<at::Tensor>& positions,
+                                                 ROPE_OPTION_PARAMS) {
+  return rotate_on_cuda("rope::fused_qk", q, k, cos, sin, positions, options_of(ROPE_OPTION_ARGS),
+                        Direction::kForward);
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_qk_backward_cuda(const at::Tensor& grad_q_out, const at::Tensor& grad_k_out,
                                                           const at::Tensor& cos, const at::Tensor& sin,
-                                                          const std::optional<at::Tensor>& positions) {
+                                                          const std::optional<at::Tensor>& positions,
+                                                          ROPE_OPTION_PARAMS) {
   // The gradient of a rotation is the rotation by the opposite angle.
-  return rotate_on_cuda("rope::fused_qk_backward", grad_q_out, grad_k_out, cos, sin, positions, -1);
+  return rotate_on_cuda("rope::fused_qk_backward", grad_q_out, grad_k_out, cos, sin, positions,
+                        options_of(ROPE_OPTION_ARGS), Direction::kBackward);
 }
 
 // In place, by the same kernel with the outputs being the inputs. That is a valid launch: each
@@ -69,21 +76,24 @@ std::tuple<at::Tensor, at::Tensor> fused_qk_backward_cuda(const at::Tensor& grad
 // tables sharing memory.
 std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_cuda(at::Tensor& q, at::Tensor& k, const at::Tensor& cos,
                                                           const at::Tensor& sin,
-                                                          const std::optional<at::Tensor>& positions) {
+                                                          const std::optional<at::Tensor>& positions,
+                                                          ROPE_OPTION_PARAMS) {
   const char* op = "rope::fused_qk_";
-  const RopeInputs in = check_and_normalize(op, q, k, cos, sin, positions);
+  const Options options = options_of(ROPE_OPTION_ARGS);
+  const RopeInputs in = check_and_normalize(op, q, k, cos, sin, positions, options);
   check_grid_limits(op, in);
   check_inplace_targets(op, q, k);
-  check_inplace_apart(op, q, k, cos, sin, positions);
+  check_inplace_apart(op, q, k, cos, sin, positions, options);
   const c10::DeviceGuard device_guard(in.q.device());
   launch_rope(op, in, in.q, in.k, +1);
-  // check_and_normalize copies only a q or k whose last dimension is not contiguous; such a copy
-  // was rotated instead of the caller's tensor, so its result is written back.
-  if (!in.q.is_same(q)) {
-    q.copy_(in.q);
+  // check_and_normalize copies only a q or k whose last dimension is not contiguous (every other
+  // normalization is a view, at the caller's address); such a copy was rotated instead of the
+  // caller's tensor, so its result is written back.
+  if (in.q.data_ptr() != q.data_ptr()) {
+    as_bhsd(q, in.layout).copy_(in.q);
   }
-  if (!in.k.is_same(k)) {
-    k.copy_(in.k);
+  if (in.k.data_ptr() != k.data_ptr()) {
+    as_bhsd(k, in.layout).copy_(in.k);
   }
   return {q, k};
 }

@@ -44,13 +44,14 @@ void launch_rope(const char* op, const RopeInputs& in, const at::Tensor& q_out, 
   // Triton's trailing scratch pointers: this kernel needs no scratch memory, so null.
   CUdeviceptr null_scratch[kMaxTrailingNullParams] = {};
   void* params[kNumKernelParams + kMaxTrailingNullParams] = {
-      &args.q_ptr,      &args.k_ptr,     &args.q_out_ptr,  &args.k_out_ptr,  // 0-3
-      &args.cos_ptr,    &args.sin_ptr,   &args.pos_ptr,                      // 4-6
-      &args.seq_len,    &args.n_heads_q, &args.n_heads_k,  &args.half_dim,   // 7-10
-      &args.table_rows, &args.sin_sign,  &args.grid_order,                   // 11-13
+      &args.q_ptr,       &args.k_ptr,     &args.q_out_ptr,  &args.k_out_ptr,    // 0-3
+      &args.cos_ptr,     &args.sin_ptr,   &args.pos_ptr,    &args.offsets_ptr,  // 4-7
+      &args.seq_len,     &args.n_heads_q, &args.n_heads_k,  &args.rotary_half,  // 8-11
+      &args.copy_end,    &args.table_rows, &args.sin_sign,  &args.grid_order,   // 12-15
+      &args.pos_kind,    &args.n_docs,    &args.offsets_kind,                   // 16-18
   };
-  constexpr int kFirstStrideParam = 14;
-  for (int i = 0; i < kNumStrideParams; ++i) {  // 14-31
+  constexpr int kFirstStrideParam = kNumPointerParams + kNumInt32Params;
+  for (int i = 0; i < kNumStrideParams; ++i) {  // 19-36
     params[kFirstStrideParam + i] =
         plan.narrow_strides ? static_cast<void*>(&args.strides32[i]) : static_cast<void*>(&args.strides[i]);
   }

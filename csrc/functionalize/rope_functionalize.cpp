@@ -33,7 +33,8 @@ std::optional<at::Tensor> current_value(const std::optional<at::Tensor>& t) {
 
 std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_functionalize(at::Tensor& q, at::Tensor& k, const at::Tensor& cos,
                                                                    const at::Tensor& sin,
-                                                                   const std::optional<at::Tensor>& positions) {
+                                                                   const std::optional<at::Tensor>& positions,
+                                                                   ROPE_OPTION_PARAMS) {
   const char* op = "rope::fused_qk_";
   const bool q_functional = functional::isFunctionalTensor(q);
   const bool k_functional = functional::isFunctionalTensor(k);
@@ -41,11 +42,12 @@ std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_functionalize(at::Tensor& q,
     // Nothing here is being functionalized, unless a read-only input is: then the write would
     // escape the functional program, which cannot be expressed.
     TORCH_CHECK(!functional::isFunctionalTensor(cos) && !functional::isFunctionalTensor(sin) &&
-                    !functional::isFunctionalTensor(positions),
-                op, ": q and k are ordinary tensors but cos, sin or positions are functionalized; "
-                "create q and k inside the functionalized program");
+                    !functional::isFunctionalTensor(positions) && !functional::isFunctionalTensor(cu_seqlens) &&
+                    !functional::isFunctionalTensor(seqlen_offsets),
+                op, ": q and k are ordinary tensors but cos, sin, positions, cu_seqlens or seqlen_offsets are "
+                "functionalized; create q and k inside the functionalized program");
     at::AutoDispatchSkipFunctionalize skip_functionalize;
-    fused_qk_inplace_op().call(q, k, cos, sin, positions);
+    fused_qk_inplace_op().call(q, k, cos, sin, positions, ROPE_OPTION_ARGS);
     return {q, k};
   }
   TORCH_CHECK(q_functional && k_functional, op,
@@ -61,7 +63,9 @@ std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_functionalize(at::Tensor& q,
     // it must be refused here as in eager mode.
     check_inplace_targets(op, q_value, k_value);
     std::tie(q_rotated, k_rotated) =
-        fused_qk_op().call(q_value, k_value, current_value(cos), current_value(sin), current_value(positions));
+        fused_qk_op().call(q_value, k_value, current_value(cos), current_value(sin), current_value(positions),
+                           interleaved, interleaved_out, rotary_dim, layout, current_value(cu_seqlens),
+                           current_value(seqlen_offsets));
   }
   functional::replace_(q, q_rotated);
   functional::commit_update(q);

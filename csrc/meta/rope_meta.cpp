@@ -14,29 +14,31 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> rotate_meta(const char* op, const at::Tensor& q, const at::Tensor& k,
                                                const at::Tensor& cos, const at::Tensor& sin,
-                                               const std::optional<at::Tensor>& positions) {
-  check_and_normalize(op, q, k, cos, sin, positions);
+                                               const std::optional<at::Tensor>& positions, const Options& options) {
+  check_and_normalize(op, q, k, cos, sin, positions, options);
   return allocate_outputs(q, k);
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_qk_meta(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& cos, const at::Tensor& sin,
-                                                 const std::optional<at::Tensor>& positions) {
-  return rotate_meta("rope::fused_qk", q, k, cos, sin, positions);
+                                                 const std::optional<at::Tensor>& positions, ROPE_OPTION_PARAMS) {
+  return rotate_meta("rope::fused_qk", q, k, cos, sin, positions, options_of(ROPE_OPTION_ARGS));
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_qk_backward_meta(const at::Tensor& grad_q, const at::Tensor& grad_k,
                                                           const at::Tensor& cos, const at::Tensor& sin,
-                                                          const std::optional<at::Tensor>& positions) {
-  return rotate_meta("rope::fused_qk_backward", grad_q, grad_k, cos, sin, positions);
+                                                          const std::optional<at::Tensor>& positions,
+                                                          ROPE_OPTION_PARAMS) {
+  return rotate_meta("rope::fused_qk_backward", grad_q, grad_k, cos, sin, positions, options_of(ROPE_OPTION_ARGS));
 }
 
 // The in-place op returns q and k themselves: nothing to allocate, only the checks to run.
 std::tuple<at::Tensor, at::Tensor> fused_qk_inplace_meta(at::Tensor& q, at::Tensor& k, const at::Tensor& cos,
                                                           const at::Tensor& sin,
-                                                          const std::optional<at::Tensor>& positions) {
+                                                          const std::optional<at::Tensor>& positions,
+                                                          ROPE_OPTION_PARAMS) {
   const char* op = "rope::fused_qk_";
-  check_and_normalize(op, q, k, cos, sin, positions);
+  check_and_normalize(op, q, k, cos, sin, positions, options_of(ROPE_OPTION_ARGS));
   check_inplace_targets(op, q, k);
   return {q, k};
 }

@@ -13,7 +13,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -22,16 +24,42 @@ namespace rope_kernels {
 
 namespace signatures {
 
-// rope::fused_qk and rope::fused_qk_backward: (q, k, cos, sin, positions) -> (q_out, k_out).
+// rope::fused_qk and rope::fused_qk_backward: (q, k, cos, sin, positions, then the keyword options
+// of rope_kernels::Options in their order) -> (q_out, k_out).
 using Rotate = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                    const at::Tensor&, const std::optional<at::Tensor>&);
+                                                    const at::Tensor&, const std::optional<at::Tensor>&, bool,
+                                                    std::optional<bool>, std::optional<int64_t>, c10::string_view,
+                                                    const std::optional<at::Tensor>&,
+                                                    const std::optional<at::Tensor>&);
 // rope::fused_qk_: q and k rotated where they lie, and returned.
 using RotateInplace = std::tuple<at::Tensor, at::Tensor>(at::Tensor&, at::Tensor&, const at::Tensor&,
-                                                           const at::Tensor&, const std::optional<at::Tensor>&);
+                                                           const at::Tensor&, const std::optional<at::Tensor>&, bool,
+                                                           std::optional<bool>, std::optional<int64_t>,
+                                                           c10::string_view, const std::optional<at::Tensor>&,
+                                                           const std::optional<at::Tensor>&);
 // rope::build_info.
 using BuildInfo = std::string();
 
 }  // namespace signatures
+
+// The keyword options of every rope op, in schema order; the defaults are the four-argument call
+// (half-split pairs over the whole head of (B, H, S, D) tensors). docs/conventions.md has the
+// contract of each.
+struct Options {
+  // Input pairs (x[2i], x[2i+1]) (GPT-J, GLM) instead of (x[i], x[i + rotary_dim/2]) (NeoX, Llama).
+  bool interleaved = false;
+  // Output pairing; unset: the same as the input's. interleaved = true with interleaved_out =
+  // false reads interleaved pairs and writes half-split ones (DeepSeek-V3's MLA).
+  std::optional<bool> interleaved_out = std::nullopt;
+  // Rotate the first rotary_dim features of each head; the rest is copied (or, in place, left).
+  std::optional<int64_t> rotary_dim = std::nullopt;
+  // "bhsd": (B, H, S, D); "bshd": (B, S, H, D); "thd": packed sequences (T, H, D).
+  std::string layout = "bhsd";
+  // "thd" only: (n + 1,) document boundaries; token t of document j sits at t - cu_seqlens[j]
+  // (plus seqlen_offsets[j], if given).
+  std::optional<at::Tensor> cu_seqlens = std::nullopt;
+  std::optional<at::Tensor> seqlen_offsets = std::nullopt;
+};
 
 namespace detail {
 
@@ -63,7 +91,8 @@ inline const c10::TypedOperatorHandle<signatures::RotateInplace>& fused_qk_inpla
 
 }  // namespace detail
 
-// Rotates q (B, Hq, S, D) and k (B, Hk, S, D), any strides, by the angles in the cos/sin tables:
+// Rotates q (B, Hq, S, D) and k (B, Hk, S, D) (or, with options.layout, (B, S, H, D) or packed
+// (T, H, D)), any strides, by the angles in the cos/sin tables:
 // (S_max, D/2), or the full-width (S_max, D) table of which the first half is used, leading
 // size-1 dims allowed, float32 or q's dtype; or one such table per sequence, (B, S_max, D/2 or D).
 // positions: optional int32/int64 (B, S) or (S,) table rows; without it token s uses row s. A
@@ -71,17 +100,25 @@ inline const c10::TypedOperatorHandle<signatures::RotateInplace>& fused_qk_inpla
 // Returns new tensors laid out like q and k. Bad arguments raise c10::Error ("rope::fused_qk: ...").
 inline std::tuple<at::Tensor, at::Tensor> fused_qk(const at::Tensor& q, const at::Tensor& k,
                                                    const at::Tensor& cos, const at::Tensor& sin,
-                                                   const std::optional<at::Tensor>& positions = std::nullopt) {
-  return detail::fused_qk_handle().call(q, k, cos, sin, positions);
+                                                   const std::optional<at::Tensor>& positions = std::nullopt,
+                                                   const Options& options = {}) {
+  return detail::fused_qk_handle().call(q, k, cos, sin, positions, options.interleaved, options.interleaved_out,
+                                        options.rotary_dim, options.layout, options.cu_seqlens,
+                                        options.seqlen_offsets);
 }
 
-// The gradient of fused_qk with respect to q and k: the same rotation by the negated angles.
+// The gradient of fused_qk with respect to q and k: the same rotation by the negated angles. The
+// options are those of the fused_qk call whose gradient this is (grad_q_out is laid out as its
+// output: with interleaved_out, say, the pairs are read as that call wrote them).
 inline std::tuple<at::Tensor, at::Tensor> fused_qk_backward(const at::Tensor& grad_q_out,
                                                             const at::Tensor& grad_k_out,
                                                             const at::Tensor& cos, const at::Tensor& sin,
                                                             const std::optional<at::Tensor>& positions =
-                                                                std::nullopt) {
-  return detail::fused_qk_backward_handle().call(grad_q_out, grad_k_out, cos, sin, positions);
+                                                                std::nullopt,
+                                                            const Options& options = {}) {
+  return detail::fused_qk_backward_handle().call(grad_q_out, grad_k_out, cos, sin, positions, options.interleaved,
+                                                 options.interleaved_out, options.rotary_dim, options.layout,
+                                                 options.cu_seqlens, options.seqlen_offsets);
 }
 
 // fused_qk writing into q and k themselves (same arguments and math), for callers that own them;
@@ -90,8 +127,11 @@ inline std::tuple<at::Tensor, at::Tensor> fused_qk_backward(const at::Tensor& gr
 // memory ("rope::fused_qk_: ..." otherwise).
 inline std::tuple<at::Tensor, at::Tensor> fused_qk_(at::Tensor& q, at::Tensor& k, const at::Tensor& cos,
                                                     const at::Tensor& sin,
-                                                    const std::optional<at::Tensor>& positions = std::nullopt) {
-  return detail::fused_qk_inplace_handle().call(q, k, cos, sin, positions);
+                                                    const std::optional<at::Tensor>& positions = std::nullopt,
+                                                    const Options& options = {}) {
+  return detail::fused_qk_inplace_handle().call(q, k, cos, sin, positions, options.interleaved,
+                                                options.interleaved_out, options.rotary_dim, options.layout,
+                                                options.cu_seqlens, options.seqlen_offsets);
 }
 
 // A JSON object describing the library in the program: its version, the torch it was built
