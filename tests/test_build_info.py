@@ -9,11 +9,11 @@ import rope_kernels
 REQUIRED_ARCHITECTURES = {80, 86, 89, 90}
 
 # (q dtype, table dtype) pairs: fp16 or bf16 q with a table of q's dtype or fp32, and fp32 with fp32 (5),
-# x positions none/int32/int64 (3) x the kernels per head-dim block (4 blocks: 18 in all): unaligned,
-# wide or narrow grid (2 each); aligned narrow (1 each); aligned wide, masked along heads only where
-# half_dim == BLOCK_D2 ("even"), which alignment forces for BLOCK_D2 16 and 32 (1 each), and for
-# 64 and 128 both even and masked along the features too (2 each).
-VARIANTS_PER_ARCHITECTURE = 5 * 3 * (4 * 2 + 4 * 1 + (1 + 1 + 2 + 2))
+# x pairs read and written half-split or interleaved (4) x the kernels per head-dim block (5 blocks:
+# 23 in all): unaligned, wide or narrow grid (2 each); aligned narrow (1 each); aligned wide, masked
+# along heads only where rotary_half == BLOCK_D2 ("even"), which alignment forces for BLOCK_D2 16
+# and 32 (1 each), and for 64, 128 and 256 both even and masked along the features too (2 each).
+VARIANTS_PER_ARCHITECTURE = 5 * 4 * (5 * 2 + 5 * 1 + (1 + 1 + 2 + 2 + 2))
 
 
 def test_documented_keys_and_types() -> None:
@@ -44,8 +44,8 @@ def test_architectures_and_kernels() -> None:
 
 
 def test_cuda_limits_are_reported() -> None:
-    # The largest head_dim follows from the kernel table's largest head-dim block (128 pairs);
+    # The largest head_dim follows from the kernel table's largest head-dim block (256 pairs);
     # tests/test_errors.py checks on a GPU that one pair more is refused with this number.
     info = rope_kernels.build_info()
-    assert info["cuda_max_head_dim"] == 256
+    assert info["cuda_max_head_dim"] == 512
     assert info["cuda_dtypes"] == ["float16", "bfloat16", "float32"]

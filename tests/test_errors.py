@@ -120,7 +120,7 @@ BAD_INPUTS = [
              devices=("cuda",)),
     BadInput("head_dim_over_the_built_limit_on_cuda",
              lambda d: valid(d, head_dim=rope_kernels.build_info()["cuda_max_head_dim"] + 2),
-             r"head_dim above 256 is not supported on CUDA",
+             r"head_dim above 512 is not supported on CUDA",
              devices=("cuda",)),
 ]
 

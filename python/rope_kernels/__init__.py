@@ -58,16 +58,35 @@ def fused_qk(
     cos: torch.Tensor,
     sin: torch.Tensor,
     positions: Optional[torch.Tensor] = None,
+    interleaved: bool = False,
+    interleaved_out: Optional[bool] = None,
+    rotary_dim: Optional[int] = None,
+    layout: str = "bhsd",
+    cu_seqlens: Optional[torch.Tensor] = None,
+    seqlen_offsets: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rotate q ``(B, Hq, S, D)`` and k ``(B, Hk, S, D)`` by the angles in cos/sin.
 
-    cos/sin: ``(S_max, D/2)`` or ``(S_max, D)`` (first half used), leading size-1 dims allowed,
-    float32 or q's dtype; or one such table per sequence, ``(B, S_max, D/2 or D)`` (the per-token
-    angles of Hugging Face models). positions: optional int32/int64 ``(B, S)`` or ``(S,)`` table
-    rows; without it token s uses row s. A position outside the table gives NaN for that token.
-    Returns new tensors laid out like q and k. Differentiable with respect to q and k.
+    (The options are not keyword-only, as they are in the op's schema, because TorchScript
+    cannot compile keyword-only parameters; pass them by name.)
+
+    cos/sin: ``(S_max, R/2)`` or ``(S_max, R)`` (first half used; R is ``rotary_dim``, the head
+    size D unless given), leading size-1 dims allowed, float32 or q's dtype; or one such table per
+    sequence, ``(B, S_max, R/2 or R)`` (the per-token angles of Hugging Face models). positions:
+    optional int32/int64 ``(B, S)`` or ``(S,)`` table rows; without it token s uses row s. A
+    position outside the table gives NaN for that token.
+
+    Options (docs/conventions.md): ``interleaved`` pairs features (2i, 2i+1) instead of (i, i+R/2),
+    and ``interleaved_out`` (default: the same) says how the output pairs them; ``rotary_dim``
+    rotates the first R features of each head and copies the rest; ``layout`` "bshd" takes
+    ``(B, S, H, D)`` tensors and "thd" packed sequences ``(T, H, D)``, with positions ``(T,)`` or
+    ``cu_seqlens`` ``(n + 1,)`` (token t of document j at t - cu_seqlens[j], plus
+    ``seqlen_offsets[j]`` if given). Returns new tensors laid out like q and k. Differentiable
+    with respect to q and k.
     """
-    return torch.ops.rope.fused_qk(q, k, cos, sin, positions)
+    return torch.ops.rope.fused_qk(q, k, cos, sin, positions, interleaved=interleaved,
+                                   interleaved_out=interleaved_out, rotary_dim=rotary_dim, layout=layout,
+                                   cu_seqlens=cu_seqlens, seqlen_offsets=seqlen_offsets)
 
 
 def fused_qk_(
@@ -76,14 +95,23 @@ def fused_qk_(
     cos: torch.Tensor,
     sin: torch.Tensor,
     positions: Optional[torch.Tensor] = None,
+    interleaved: bool = False,
+    interleaved_out: Optional[bool] = None,
+    rotary_dim: Optional[int] = None,
+    layout: str = "bhsd",
+    cu_seqlens: Optional[torch.Tensor] = None,
+    seqlen_offsets: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``fused_qk`` written into q and k themselves; returns them (the same tensor objects).
 
-    Same arguments and math as ``fused_qk``. An in-place op like any of torch's: q and k must not
-    share memory with each other or with the tables, and, under autograd, must not be leaves that
-    require grad; gradients flow through the rotation to what q and k were computed from.
+    Same arguments and math as ``fused_qk``; features past ``rotary_dim`` are left as they are.
+    An in-place op like any of torch's: q and k must not share memory with each other or with the
+    tables, and, under autograd, must not be leaves that require grad; gradients flow through the
+    rotation to what q and k were computed from.
     """
-    return torch.ops.rope.fused_qk_(q, k, cos, sin, positions)
+    return torch.ops.rope.fused_qk_(q, k, cos, sin, positions, interleaved=interleaved,
+                                    interleaved_out=interleaved_out, rotary_dim=rotary_dim, layout=layout,
+                                    cu_seqlens=cu_seqlens, seqlen_offsets=seqlen_offsets)
 
 
 def build_info() -> Dict[str, Any]:

@@ -39,6 +39,7 @@ __all__ = [
     "RopeArgs", "RopeCase", "make_args", "dtype_name",
     # the reference
     "reference_rope", "reference_rope_and_size", "reference_fused_qk", "reference_grads",
+    "to_bhsd", "from_bhsd", "packed_positions",
     # the tolerance
     "unit_roundoff", "compute_dtype", "RoundingModel", "FUSED_KERNEL", "ANY_FORMULA",
     "tolerance", "assert_close_to_reference", "error_ratio", "CheckResult", "check_rotation",
@@ -300,15 +301,16 @@ def make_args(case: RopeCase, device: Device, requires_grad: bool = False) -> Ro
 
 
 def _gathered_angles(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     positions: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of each token's angles, (B, 1, S, D/2) float64 on the CPU; NaN for a token
-    whose row lies outside the table."""
+                     positions: Optional[torch.Tensor], half: Optional[int] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of each token's angles, (B, 1, S, half) float64 on the CPU (half: the pairs
+    rotated, D/2 unless given); NaN for a token whose row lies outside the table."""
     batch, _, seq, head_dim = x.shape
-    half = head_dim // 2
+    half = head_dim // 2 if half is None else half
 
     def tables(t: torch.Tensor) -> torch.Tensor:
-        # (B, max_seq, D/2): leading size-1 dims squeezed, a shared table repeated for every
-        # sequence; of a full-width table only the first D/2 columns count.
+        # (B, max_seq, half): leading size-1 dims squeezed, a shared table repeated for every
+        # sequence; of a full-width table only the first half columns count.
         t = t.detach().cpu().to(torch.float64)
         while t.dim() > 2 and t.shape[0] == 1:
             t = t[0]
@@ -328,43 +330,119 @@ def _gathered_angles(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return c, s
 
 
-def _rotate(x64: torch.Tensor, c: torch.Tensor, s: torch.Tensor,
-            with_size: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The rotation of float64 x by float64 angles c/s (broadcast over x's leading dims), and with
-    with_size the size of the two products summed into each element, |x1 c| + |x2 s| and
-    |x2 c| + |x1 s|: what the rounding of the products and of their sum is relative to."""
-    half = x64.shape[-1] // 2
-    x1, x2 = x64[..., :half], x64[..., half:]
-    result = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+def _pairs(x: torch.Tensor, half: int, interleaved: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The two members of each rotated pair: (x[i], x[i + half]) or (x[2i], x[2i + 1])."""
+    if interleaved:
+        return x[..., 0:2 * half:2], x[..., 1:2 * half:2]
+    return x[..., :half], x[..., half:2 * half]
+
+
+def _place_pairs(first: torch.Tensor, second: torch.Tensor, rest: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """A head of pairs (first[i], second[i]) laid out half-split or interleaved, then `rest`."""
+    if interleaved:
+        rotated = torch.stack([first, second], dim=-1).flatten(-2)
+    else:
+        rotated = torch.cat([first, second], dim=-1)
+    return torch.cat([rotated, rest], dim=-1)
+
+
+def _rotate(x64: torch.Tensor, c: torch.Tensor, s: torch.Tensor, with_size: bool,
+            read_interleaved: bool = False, write_interleaved: bool = False
+            ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The rotation of float64 x by float64 angles c/s (broadcast over x's leading dims; their
+    width is the number of pairs rotated, the features after 2 * width are passed through), and
+    with with_size the size of the two products summed into each element, |x1 c| + |x2 s| and
+    |x2 c| + |x1 s| (|x| for a feature passed through): what the rounding of the products and of
+    their sum is relative to. Pairs are read and written half-split or interleaved as asked."""
+    half = c.shape[-1]
+    x1, x2 = _pairs(x64, half, read_interleaved)
+    rest = x64[..., 2 * half:]
+    result = _place_pairs(x1 * c - x2 * s, x2 * c + x1 * s, rest, write_interleaved)
     if not with_size:
         return result, None
-    size = torch.cat([(x1 * c).abs() + (x2 * s).abs(), (x2 * c).abs() + (x1 * s).abs()], dim=-1)
+    size = _place_pairs((x1 * c).abs() + (x2 * s).abs(), (x2 * c).abs() + (x1 * s).abs(), rest.abs(),
+                        write_interleaved)
     return result, size.detach()
 
 
+def to_bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """x laid out as `layout` says ("bhsd", "bshd" or packed "thd") as a (B, H, S, D) view."""
+    if layout == "bshd":
+        return x.transpose(1, 2)
+    if layout == "thd":
+        return x.unsqueeze(0).transpose(1, 2)
+    return x
+
+
+def from_bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The inverse of to_bhsd."""
+    if layout == "bshd":
+        return x.transpose(1, 2)
+    if layout == "thd":
+        return x.transpose(1, 2)[0]
+    return x
+
+
+def packed_positions(cu_seqlens: torch.Tensor, seqlen_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Each packed token's position, (T,) int64: token t of document j is at t - cu_seqlens[j]
+    (+ seqlen_offsets[j]), written out token by token."""
+    bounds = [int(v) for v in cu_seqlens.cpu()]
+    offsets = [0] * (len(bounds) - 1) if seqlen_offsets is None else [int(v) for v in seqlen_offsets.cpu()]
+    positions: List[int] = []
+    for doc in range(len(bounds) - 1):
+        positions += [t - bounds[doc] + offsets[doc] for t in range(bounds[doc], bounds[doc + 1])]
+    return torch.tensor(positions, dtype=torch.int64)
+
+
+def _reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: Optional[torch.Tensor],
+               inverse: bool, with_size: bool, interleaved: bool, interleaved_out: Optional[bool],
+               rotary_dim: Optional[int], layout: str, cu_seqlens: Optional[torch.Tensor],
+               seqlen_offsets: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    x_bhsd = to_bhsd(x, layout)
+    if cu_seqlens is not None:
+        positions = packed_positions(cu_seqlens, seqlen_offsets)
+    half = (x_bhsd.shape[-1] if rotary_dim is None else rotary_dim) // 2
+    c, s = _gathered_angles(x_bhsd, cos, sin, positions, half)
+    out_interleaved = interleaved if interleaved_out is None else interleaved_out
+    # The gradient reads the pairs as the forward wrote them and writes them as it read them.
+    read, write = (out_interleaved, interleaved) if inverse else (interleaved, out_interleaved)
+    x64 = x_bhsd.cpu().to(torch.float64)
+    result, size = _rotate(x64 if not with_size else x64.detach(), c, -s if inverse else s, with_size, read, write)
+    return from_bhsd(result, layout), None if size is None else from_bhsd(size, layout)
+
+
 def reference_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   positions: Optional[torch.Tensor] = None, inverse: bool = False) -> torch.Tensor:
+                   positions: Optional[torch.Tensor] = None, inverse: bool = False, *,
+                   interleaved: bool = False, interleaved_out: Optional[bool] = None,
+                   rotary_dim: Optional[int] = None, layout: str = "bhsd",
+                   cu_seqlens: Optional[torch.Tensor] = None,
+                   seqlen_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """RoPE of x (B, H, S, D) in float64 on the CPU, as the op's contract states it.
 
     Token (b, s) uses row positions[b, s] (positions[s] for a (S,) tensor, s without positions)
     of the table of sequence b: cos/sin (S_max, W), with any leading size-1 dims, is one table for
-    every sequence, (B, S_max, W) one per sequence; of a full-width table (W = D) the first D/2
-    columns count. A row outside the table makes that token NaN. `inverse` negates sin (the
-    backward op: the gradient of a rotation is the inverse rotation of the output gradient).
-    Differentiable in x, so it also gives reference gradients.
+    every sequence, (B, S_max, W) one per sequence; of a full-width table (W = R, the rotary_dim)
+    the first R/2 columns count. A row outside the table makes that token NaN. `inverse` negates
+    sin (the backward op: the gradient of a rotation is the inverse rotation of the output
+    gradient). The options are the op's (docs/conventions.md): x laid out as `layout` says, pairs
+    (2i, 2i + 1) where interleaved, the features past rotary_dim passed through, packed tokens at
+    their positions in their documents. Differentiable in x, so it also gives reference gradients.
     """
-    c, s = _gathered_angles(x, cos, sin, positions)
-    result, _ = _rotate(x.cpu().to(torch.float64), c, -s if inverse else s, with_size=False)
+    result, _ = _reference(x, cos, sin, positions, inverse, False, interleaved, interleaved_out, rotary_dim, layout,
+                           cu_seqlens, seqlen_offsets)
     return result
 
 
 def reference_rope_and_size(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                             positions: Optional[torch.Tensor] = None,
-                            inverse: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                            inverse: bool = False, *, interleaved: bool = False,
+                            interleaved_out: Optional[bool] = None, rotary_dim: Optional[int] = None,
+                            layout: str = "bhsd", cu_seqlens: Optional[torch.Tensor] = None,
+                            seqlen_offsets: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """`reference_rope` of x (detached) and the size of the products summed into each element,
     for `RoundingModel.allowed` and `error_ratio`."""
-    c, s = _gathered_angles(x, cos, sin, positions)
-    result, size = _rotate(x.detach().cpu().to(torch.float64), c, -s if inverse else s, with_size=True)
+    result, size = _reference(x, cos, sin, positions, inverse, True, interleaved, interleaved_out, rotary_dim,
+                              layout, cu_seqlens, seqlen_offsets)
     assert size is not None
     return result, size
 
