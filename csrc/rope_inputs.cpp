@@ -110,6 +110,8 @@ void check_packed(const char* op, const at::Tensor& q, const Options& o, Layout 
   TORCH_CHECK(cu.dim() == 1 && cu.sym_size(0) >= 1, op,
               ": cu_seqlens must be 1-D (documents + 1,), starting at 0 and ending at the token count; got shape ",
               cu.sym_sizes());
+  TORCH_CHECK(cu.sym_size(0) >= 2 || q.sym_size(2) == 0, op, ": cu_seqlens of shape ", cu.sym_sizes(),
+              " holds no document, but there are ", q.sym_size(2), " tokens");
   if (o.seqlen_offsets.has_value()) {
     const at::Tensor& offsets = *o.seqlen_offsets;
     check_index_tensor(op, "seqlen_offsets", offsets, q);
@@ -120,7 +122,7 @@ void check_packed(const char* op, const at::Tensor& q, const Options& o, Layout 
 }
 
 void check_table(const char* op, const at::Tensor& q, const at::Tensor& cos, const at::Tensor& sin,
-                 const c10::SymInt& rotary_half) {
+                 const c10::SymInt& rotary_half, bool partial) {
   TORCH_CHECK(cos.device() == q.device() && sin.device() == q.device(), op,
               ": cos and sin must be on q's device (", q.device(), "); got cos on ", cos.device(),
               " and sin on ", sin.device());
@@ -133,9 +135,10 @@ void check_table(const char* op, const at::Tensor& q, const at::Tensor& cos, con
   TORCH_CHECK(t == q.scalar_type() || t == at::kFloat, op,
               ": cos and sin must be float32 or q's dtype (", q.scalar_type(), "); got ", t);
   const c10::SymInt width = cos.sym_size(-1);
-  TORCH_CHECK(width == rotary_half || width == rotary_half * 2, op,
-              ": cos and sin must have rotary_dim/2 (", rotary_half, ") or rotary_dim (", rotary_half * 2,
-              ") columns (rotary_dim is head_dim unless given); got ", width);
+  // Named after what sets the width: head_dim, or rotary_dim where given.
+  const char* rotated = partial ? "rotary_dim" : "head_dim";
+  TORCH_CHECK(width == rotary_half || width == rotary_half * 2, op, ": cos and sin must have ", rotated, "/2 (",
+              rotary_half, ") or ", rotated, " (", rotary_half * 2, ") columns; got ", width);
 }
 
 void check_positions(const char* op, const at::Tensor& q, const at::Tensor& positions) {
@@ -210,7 +213,7 @@ RopeInputs check_and_normalize(const char* op, const at::Tensor& q_in, const at:
   const c10::SymInt rotary_half = rotary_half_of(op, options.rotary_dim, head_dim);
   const at::Tensor cos3 = as_tables(op, "cos", cos, q.sym_size(0));
   const at::Tensor sin3 = as_tables(op, "sin", sin, q.sym_size(0));
-  check_table(op, q, cos3, sin3, rotary_half);
+  check_table(op, q, cos3, sin3, rotary_half, options.rotary_dim.has_value());
   check_packed(op, q, options, layout, positions);
 
   RopeInputs in;

@@ -378,6 +378,8 @@ BAD_OPTIONS: List[BadOption] = [
     BadOption("float_cu_seqlens", Convention(layout="thd"), {"cu_seqlens": "<float cu>"},
               r"cu_seqlens must be int32 or int64"),
     BadOption("cu_seqlens_2d", Convention(layout="thd"), {"cu_seqlens": "<2-D cu>"}, r"cu_seqlens must be 1-D"),
+    BadOption("cu_seqlens_of_no_document", Convention(layout="thd"), {"cu_seqlens": "<cu of none>"},
+              r"cu_seqlens of shape \[1\] holds no document, but there are 9 tokens"),
     # The values: only where reading them needs no device synchronization.
     BadOption("cu_seqlens_not_from_0", Convention(layout="thd"), {"cu_seqlens": "<cu from 1>"},
               r"cu_seqlens must start at 0", devices=("cpu",)),
@@ -394,6 +396,7 @@ _SPECIAL_VALUES = {
     "<two offsets>": lambda: torch.tensor([0, 1]),
     "<float cu>": lambda: torch.tensor([0.0, 9.0]),
     "<2-D cu>": lambda: torch.tensor([[0, 9]]),
+    "<cu of none>": lambda: torch.tensor([0]),
     "<cu from 1>": lambda: torch.tensor([1, 3, 3, 7, 9]),
     "<cu decreasing>": lambda: torch.tensor([0, 3, 2, 7, 9]),
     "<cu short>": lambda: torch.tensor([0, 3, 3, 7, 8]),
