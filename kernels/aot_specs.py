@@ -180,14 +180,14 @@ class Variant:
             return False
         # The launcher asks for an even variant only for aligned wide-grid launches (on the
         # latency-bound narrow grids the mask made no difference that repeated), and for those
-        # it always asks where alignment leaves half_dim no other value than BLOCK_D2.
+        # it always asks where alignment leaves rotary_half no other value than BLOCK_D2.
         if self.even_d:
             return self.aligned and not self.narrow
         return not (self.aligned and not self.narrow and self.alignment_makes_even)
 
     @property
     def alignment_makes_even(self) -> bool:
-        """Whether every half_dim an aligned launch may bring to this BLOCK_D2 equals it."""
+        """Whether every rotary_half an aligned launch may bring to this BLOCK_D2 equals it."""
         below = BLOCK_D2_VALUES[self.block - 1] if self.block > 0 else 0
         return self.block_d2 - ALIGNED_HALF_DIM_MULTIPLE <= below
 

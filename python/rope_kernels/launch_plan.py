@@ -17,7 +17,7 @@ class LaunchPlan(NamedTuple):
 
     arch: int          # the built architecture whose cubin runs (10 * major + minor)
     variant: int       # index in the kernel table (variant_index in csrc/cuda/kernel_table.h)
-    block_d2: int      # pairs block of the variant (rotary_dim / 2 rounded up to a power of two)
+    block_d2: int      # pairs block of the variant: rotary_dim / 2 rounded up to a built one (16 ... 256)
     aligned: bool      # the 16-byte-aligned variant, with 32-bit strides
     even_d: bool       # rotary_half == block_d2: masks along the heads only
     narrow: bool       # the narrow grid class (latency-bound launches)
@@ -48,7 +48,8 @@ def launch_plan(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     """The plan of ``fused_qk(q, k, cos, sin, positions, **options)`` (or of ``fused_qk_`` with
     ``inplace``) on a device of ``capability`` (10 * major + minor). ``block_h`` and
     ``heads_fastest`` replace the cubin's heads per program and the layout's program order, as the
-    tuner does to time shapes the table does not hold."""
+    tuner does to time shapes the table does not hold. q and k are taken as the op takes them, in
+    ``layout``; the plan's grid and strides are those of their (B, H, S, D) views."""
     v = torch.ops.rope._launch_plan(q, k, cos, sin, positions, capability=capability, inplace=inplace,
                                     block_h=block_h, heads_fastest=heads_fastest, interleaved=interleaved,
                                     interleaved_out=interleaved_out, rotary_dim=rotary_dim, layout=layout,
