@@ -11,7 +11,8 @@ from transformers.models.llama import modeling_llama
 from transformers.models.phi3 import modeling_phi3
 
 import rope_kernels
-from rope_env import DEVICES, device_dtype_params
+from rope_env import DEVICES, device_dtype_params, requires_cuda
+from rope_kernels import _limits
 from rope_kernels.testing import assert_output_layout, tolerance
 
 # transformers' functions, taken before any test can patch the modules.
@@ -20,6 +21,18 @@ TRANSFORMERS_APPLY_PARTIAL = modeling_phi3.apply_rotary_pos_emb
 
 BATCH, HEADS_Q, HEADS_K, SEQ, HEAD_DIM = 3, 8, 2, 11, 32
 MAX_SEQ = 40
+
+
+class RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The ops a call dispatches, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[Any] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
 
 
 def rotary_embedding(device: str, dtype: torch.dtype, rotary_dim: int = HEAD_DIM) -> Any:
@@ -105,7 +118,7 @@ def assert_like_transformers(ours: torch.Tensor, theirs: torch.Tensor, expected6
 
 
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize(("device", "dtype"), device_dtype_params(("bf16", "fp32")))
+@pytest.mark.parametrize(("device", "dtype"), device_dtype_params(("fp16", "bf16", "fp32")))
 def test_same_results_as_transformers(device: str, dtype: torch.dtype, form: str) -> None:
     cos, sin, position_ids, token_positions = per_token_tables(form, device, dtype)
     q, k = q_and_k(device, dtype)
@@ -157,8 +170,104 @@ def test_partial_rotary_as_phi3(device: str, dtype: torch.dtype, rotary_dim: int
         assert_like_transformers(got, want, reference(x, cos, sin, token_positions, True), x)
 
 
+def wide_heads(device: str, dtype: torch.dtype, head_dim: int, heads_first: bool,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k of `head_dim` features as views of (batch, seq, heads, dim) projections: transposed
+    when heads_first, and k a slice of a wider projection (gaps between its heads). Made on the
+    device itself, so that the views keep their strides."""
+    q = torch.randn(BATCH, SEQ, HEADS_Q, head_dim, device=device).to(dtype)
+    k = torch.randn(BATCH, SEQ, HEADS_K, 2 * head_dim, device=device).to(dtype)[..., head_dim:]
+    return (q.transpose(1, 2), k.transpose(1, 2)) if heads_first else (q, k)
+
+
+def reference_any_layout(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, token_positions: torch.Tensor,
+                         heads_first: bool) -> torch.Tensor:
+    """`reference` of per-token angles for x (B, H, S, D) or, heads last, (B, S, H, D)."""
+    if heads_first:
+        return reference(x, cos, sin, token_positions, True)
+    return reference(x.transpose(1, 2), cos, sin, token_positions, True).transpose(1, 2)
+
+
+# Phi-3-like partial rotary at a real head size: 96 of 128 features rotated, or half of them.
+PARTIAL_WIDTHS = [pytest.param(128, 96, id="96_of_128"), pytest.param(128, 64, id="64_of_128")]
+
+
+@pytest.mark.parametrize("heads_first", [True, False], ids=["bhsd", "bshd"])
+@pytest.mark.parametrize(("head_dim", "rotary_dim"), PARTIAL_WIDTHS)
+@pytest.mark.parametrize(("device", "dtype"), device_dtype_params(("fp16", "bf16", "fp32")))
+def test_partial_rotary_in_one_pass(device: str, dtype: torch.dtype, head_dim: int, rotary_dim: int,
+                                    heads_first: bool) -> None:
+    # The op rotates the first rotary_dim features and copies the rest in the same call: one
+    # fused_qk and nothing else (no slice rotated apart, no concatenation, no transpose).
+    cos, sin, _, token_positions = per_token_tables("per_batch", device, dtype, rotary_dim=rotary_dim)
+    q, k = wide_heads(device, dtype, head_dim, heads_first)
+    unsqueeze_dim = 1 if heads_first else 2
+    with RecordOps() as record:
+        ours = rope_kernels.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+    assert record.ops == [torch.ops.rope.fused_qk.default], record.ops
+    theirs = TRANSFORMERS_APPLY_PARTIAL(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+    for x, got, want in zip((q, k), ours, theirs):
+        expected = reference_any_layout(x, cos, sin, token_positions, heads_first)
+        assert_like_transformers(got, want, expected, x)
+        assert torch.equal(got[..., rotary_dim:], x[..., rotary_dim:])  # the rest exactly as it was
+        assert_output_layout(got, x)
+
+
+@pytest.mark.parametrize("heads_first", [True, False], ids=["bhsd", "bshd"])
+@pytest.mark.parametrize(("device", "dtype"), device_dtype_params(("fp16", "bf16", "fp32")))
+def test_partial_rotary_gradients(device: str, dtype: torch.dtype, heads_first: bool) -> None:
+    # 96 of 128 features: the gradient is the inverse rotation of the incoming one over the
+    # rotated features, and the incoming one itself over the rest.
+    cos, sin, _, token_positions = per_token_tables("per_batch", device, dtype, rotary_dim=96)
+    q0, k0 = wide_heads(device, dtype, 128, heads_first)
+    unsqueeze_dim = 1 if heads_first else 2
+    weights = [torch.randn(x.shape, dtype=dtype).to(device) for x in (q0, k0)]
+    grads = []
+    for apply in (rope_kernels.apply_rotary_pos_emb, TRANSFORMERS_APPLY_PARTIAL):
+        q, k = q0.detach().requires_grad_(), k0.detach().requires_grad_()
+        outs = apply(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+        sum((out * w).sum() for out, w in zip(outs, weights)).backward()
+        grads.append((q.grad, k.grad))
+    for x, ours, theirs, weight in zip((q0, k0), *grads, weights):
+        # A rotation's transpose is its inverse: the incoming gradient rotated by minus the angles.
+        expected = reference_any_layout(weight, cos, -sin, token_positions, heads_first)
+        assert ours.dtype == dtype and ours.shape == x.shape
+        torch.testing.assert_close(ours.cpu().double(), expected, **tolerance(dtype))
+        assert torch.equal(ours[..., 96:], weight[..., 96:])
+        if dtype == torch.float32:
+            torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=2e-6)
+        else:
+            torch.testing.assert_close(ours, theirs, rtol=2**-7, atol=3 * 2**-8 * float(weight.abs().max()))
+
+
+@requires_cuda
+def test_cuda_head_dim_limit() -> None:
+    # The whole head goes to the op, so its head_dim (not the rotated width) meets the CUDA
+    # kernels' limit: the largest is served, one pair more is computed by the formula.
+    cos, sin, _, token_positions = per_token_tables("per_batch", "cuda", torch.float32, rotary_dim=64)
+    for head_dim, served in ((_limits.CUDA_MAX_HEAD_DIM, True), (_limits.CUDA_MAX_HEAD_DIM + 2, False)):
+        q, k = wide_heads("cuda", torch.float32, head_dim, True)
+        with RecordOps() as record:
+            ours = rope_kernels.apply_rotary_pos_emb(q, k, cos, sin)
+        assert (torch.ops.rope.fused_qk.default in record.ops) == served, head_dim
+        for x, got, want in zip((q, k), ours, TRANSFORMERS_APPLY_PARTIAL(q, k, cos, sin)):
+            assert_like_transformers(got, want, reference(x, cos, sin, token_positions, True), x)
+
+
+def test_odd_head_dim_falls_back_to_the_formula() -> None:
+    # The op rotates heads of an even size; an odd head with an even rotated width is the formula's.
+    cos, sin, _, _ = per_token_tables("per_batch", "cpu", torch.float32, rotary_dim=16)
+    q = torch.randn(BATCH, HEADS_Q, SEQ, 33)
+    k = torch.randn(BATCH, HEADS_K, SEQ, 33)
+    with RecordOps() as record:
+        ours = rope_kernels.apply_rotary_pos_emb(q, k, cos, sin)
+    assert torch.ops.rope.fused_qk.default not in record.ops
+    for got, want in zip(ours, TRANSFORMERS_APPLY_PARTIAL(q, k, cos, sin)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("form", ["per_batch", "shared", "table_2d"])
-@pytest.mark.parametrize(("device", "dtype"), device_dtype_params(("bf16", "fp32")))
+@pytest.mark.parametrize(("device", "dtype"), device_dtype_params(("fp16", "bf16", "fp32")))
 def test_gradients_as_transformers(device: str, dtype: torch.dtype, form: str) -> None:
     cos, sin, position_ids, _ = per_token_tables(form, device, dtype)
     gathered = (cos.reshape(MAX_SEQ, -1)[position_ids], sin.reshape(MAX_SEQ, -1)[position_ids]) \
@@ -202,6 +311,12 @@ def test_unusual_inputs_fall_back_to_the_formula() -> None:
     theirs = TRANSFORMERS_APPLY(q, k, one_row_cos, one_row_sin)
     for got, want in zip(ours, theirs):
         torch.testing.assert_close(got, want)
+    # A key batch of 1, broadcast against the queries' batch of per-token angles.
+    ours = rope_kernels.apply_rotary_pos_emb(q, k[:1], cos, sin)
+    theirs = TRANSFORMERS_APPLY(q, k[:1], cos, sin)
+    for got, want in zip(ours, theirs):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want)
 
 
 def test_fused_op_serves_what_transformers_passes() -> None:
@@ -215,11 +330,16 @@ def test_fused_op_serves_what_transformers_passes() -> None:
             calls.append(func)
             return func(*args, **(kwargs or {}))
 
+    partial_cos, partial_sin, _, _ = per_token_tables("per_batch", "cpu", torch.float32, rotary_dim=HEAD_DIM // 2)
+    q_last, k_last = q.transpose(1, 2), k.transpose(1, 2)
+    shared_cos, shared_sin = cos[:1], sin[:1]
     with CountRopeCalls():
         rope_kernels.apply_rotary_pos_emb(q, k, cos, sin)
-        rope_kernels.apply_rotary_pos_emb(q, k, cos[:1], sin[:1])
-    assert calls.count(torch.ops.rope.fused_qk.default) == 2
-    assert torch.ops.aten.cat.default not in calls
+        rope_kernels.apply_rotary_pos_emb(q, k, shared_cos, shared_sin)
+        rope_kernels.apply_rotary_pos_emb(q, k, partial_cos, partial_sin)  # partial rotary
+        rope_kernels.apply_rotary_pos_emb(q_last, k_last, cos, sin, unsqueeze_dim=2)  # (batch, seq, heads, dim)
+    # One op call each and nothing around it (no concatenation, no transposes).
+    assert calls == [torch.ops.rope.fused_qk.default] * 4, calls
 
 
 
@@ -228,10 +348,13 @@ def test_fused_op_serves_what_transformers_passes() -> None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiles_without_graph_breaks(device: str, dynamic: bool, fresh_dynamo: Any) -> None:
     compiled = torch.compile(rope_kernels.apply_rotary_pos_emb, backend="aot_eager", fullgraph=True, dynamic=dynamic)
-    for form in ("per_batch", "shared"):
-        cos, sin, _, _ = per_token_tables(form, device, torch.float32)
-        q, k = q_and_k(device, torch.float32)
-        for got, want in zip(compiled(q, k, cos, sin), rope_kernels.apply_rotary_pos_emb(q, k, cos, sin)):
+    # The whole width, the same per sequence, partial rotary, and (batch, seq, heads, dim) q and k.
+    for form, rotary_dim, unsqueeze_dim in (("per_batch", HEAD_DIM, 1), ("shared", HEAD_DIM, 1),
+                                            ("per_batch", HEAD_DIM // 2, 1), ("per_batch", HEAD_DIM, 2)):
+        cos, sin, _, _ = per_token_tables(form, device, torch.float32, rotary_dim=rotary_dim)
+        q, k = q_and_k(device, torch.float32, heads_second=unsqueeze_dim == 1)
+        for got, want in zip(compiled(q, k, cos, sin, None, unsqueeze_dim),
+                             rope_kernels.apply_rotary_pos_emb(q, k, cos, sin, None, unsqueeze_dim)):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert not counters["graph_break"], dict(counters["graph_break"])
 

@@ -26,6 +26,7 @@ _install_dtensor_sharding()
 
 # Imported after the op library is loaded: they call torch.ops.rope.
 from .hf_compat import apply_rotary_pos_emb  # noqa: E402
+from .hf_interleaved import apply_rotary_pos_emb_glm, apply_rotary_pos_emb_interleave  # noqa: E402
 from .transformers_patch import (  # noqa: E402
     TransformersPatch,
     patch_transformers,
@@ -45,6 +46,8 @@ __all__ = [
     "inplace_rope_embedding",
     # Hugging Face transformers
     "apply_rotary_pos_emb",
+    "apply_rotary_pos_emb_interleave",
+    "apply_rotary_pos_emb_glm",
     "patch_transformers",
     "unpatch_transformers",
     "patched_modules",

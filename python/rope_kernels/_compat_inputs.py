@@ -5,9 +5,11 @@ and free of data-dependent control flow, so torch.compile traces through without
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
 
 import torch
+
+from . import _limits
 
 
 def as_table(t: torch.Tensor, caller: str, name: str) -> torch.Tensor:
@@ -70,3 +72,64 @@ def token_positions(positions: torch.Tensor, batch: int, seq: int, device: torch
         return positions.view(batch, seq)
     raise ValueError(caller + ": " + name + " must have shape (batch, seq) = (" + str(batch) + ", " + str(seq)
                      + "), (1, seq), (seq,) or (batch * seq,); got " + str(list(positions.shape)))
+
+
+def formula_dtype(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.dtype:
+    """The dtype of transformers' ``q * cos + rotate(q) * sin``: q's, promoted with the tables'
+    (float32 for bfloat16 q and float32 cos). The drop-ins compute in it and return it."""
+    dtype = q.dtype
+    if cos.dtype != dtype or sin.dtype != dtype:  # (promote_types is a dispatched call: host time)
+        dtype = torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype)
+    return dtype
+
+
+def op_takes(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seq_dim: int,
+             dtype: torch.dtype) -> bool:
+    """Whether the op computes, in `dtype`, what transformers' formula gives for 4-D q and k whose
+    sequence dimension is `seq_dim` (2: (batch, heads, seq, dim); 1: (batch, seq, heads, dim)),
+    the tables' shape aside (each drop-in checks the forms of cos/sin it serves).
+
+    False for a device other than CPU and CUDA, q and k of different dtypes (the formula promotes
+    each on its own), cos/sin that require grad (the op treats them as constants), q and k that
+    only broadcasting makes fit, an odd head_dim, and what the CUDA kernels are not built for.
+    Runs on every call of a model's attention layers: tensor properties that need no Python object
+    (is_cuda, is_cpu, size(i)) are read rather than device and shape objects.
+    """
+    on_cuda = q.is_cuda
+    if not (on_cuda or q.is_cpu) or q.dtype != k.dtype:
+        return False
+    if dtype != torch.float16 and dtype != torch.bfloat16 and dtype != torch.float32 and dtype != torch.float64:
+        return False
+    if cos.requires_grad or sin.requires_grad or cos.shape != sin.shape:
+        return False
+    head_dim = q.size(-1)
+    if head_dim != k.size(-1) or head_dim % 2 != 0:
+        return False
+    if k.size(0) != q.size(0) or k.size(seq_dim) != q.size(seq_dim):
+        return False
+    # The CUDA kernels' limits, as the build reports them (the CPU has none). Read as attributes
+    # of their module, which TorchScript takes as constants.
+    if on_cuda and head_dim > _limits.CUDA_MAX_HEAD_DIM:
+        return False
+    return not (on_cuda and dtype == torch.float64 and not _limits.CUDA_TAKES_FLOAT64)
+
+
+def per_token_angles(cos: torch.Tensor, batch: int, seq: int) -> bool:
+    """Whether cos is ``(batch, seq, width)`` or ``(1, seq, width)``: the angles of each token, as
+    transformers' rotary embeddings make them, which the op reads as one table per sequence (or
+    one for all) at row s."""
+    return cos.dim() == 3 and cos.size(1) == seq and (cos.size(0) == 1 or cos.size(0) == batch)
+
+
+def in_dtype(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype,
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q and k in `dtype`, and cos/sin in `dtype` unless both are float32, which the op reads for
+    q of any dtype. Inputs already in place are returned as they are. (Converting a table to a
+    wider dtype is exact, so the op reads the values the formula multiplies by.)"""
+    if q.dtype != dtype:
+        q = q.to(dtype)
+        k = k.to(dtype)
+    if (cos.dtype != dtype or sin.dtype != dtype) and (cos.dtype != torch.float32 or sin.dtype != torch.float32):
+        cos = cos.to(dtype)
+        sin = sin.to(dtype)
+    return q, k, cos, sin
