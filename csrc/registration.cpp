@@ -32,6 +32,17 @@ TORCH_LIBRARY(rope, m) {
   m.def("fused_qk_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? positions=None, *, "
         ROPE_SCHEMA_OPTIONS ") -> (Tensor(a!), Tensor(b!))",
         tags);
+  // One tensor (q alone, k alone, a KV cache, Gemma 4's single call): the pair ops with no second
+  // tensor, the same options and math, so every backend, autograd, compile and export serve it
+  // through them (csrc/single/rope_single.cpp). The error messages call the tensor q.
+  m.def("fused(Tensor x, Tensor cos, Tensor sin, Tensor? positions=None, *, " ROPE_SCHEMA_OPTIONS ") -> Tensor",
+        tags);
+  m.def("fused_backward(Tensor grad_out, Tensor cos, Tensor sin, Tensor? positions=None, *, " ROPE_SCHEMA_OPTIONS
+        ") -> Tensor",
+        tags);
+  m.def("fused_(Tensor(a!) x, Tensor cos, Tensor sin, Tensor? positions=None, *, " ROPE_SCHEMA_OPTIONS
+        ") -> Tensor(a!)",
+        tags);
   // The CUDA launcher's plan for these inputs on a device of this capability, as plain values
   // (python/rope_kernels/launch_plan.py names them): for the tests and the tuner, which check and
   // time what the launcher launches without keeping a copy of its rule. Private: may change.

@@ -257,6 +257,66 @@ def test_bad_cu_seqlens_on_cuda_never_read_out_of_bounds() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# One tensor: rope::fused, rope::fused_backward, rope::fused_
+
+SINGLE_CONVENTIONS = [
+    Convention(),
+    Convention(layout="bshd", rotary_dim=32, interleaved=True, interleaved_out=False),
+    Convention(layout="thd", packed_by="cu_seqlens+offsets", head_dim=512, heads_q=2),
+]
+
+
+@pytest.mark.parametrize("c", SINGLE_CONVENTIONS, ids=str)
+@pytest.mark.parametrize(("device", "dtype"), device_dtype_params(("bf16", "fp32")))
+def test_single_tensor_ops(device: str, dtype: torch.dtype, c: Convention) -> None:
+    (q, _, cos, sin), kwargs = make_call(c, dtype, device)
+    out = torch.ops.rope.fused(q, cos, sin, **kwargs)
+    assert out.shape == q.shape and out.stride() == torch.ops.rope.fused_qk(q, q, cos, sin, **kwargs)[0].stride()
+    assert_close_to_reference(out, expected(q, cos, sin, kwargs), dtype)
+    assert_close_to_reference(torch.ops.rope.fused_backward(q, cos, sin, **kwargs),
+                              expected(q, cos, sin, kwargs, inverse=True), dtype)
+    # The gradient, through autograd.
+    leaf = q.detach().requires_grad_()
+    weight = torch.randn_like(out)
+    (rope_kernels.fused(leaf, cos, sin, **kwargs) * weight).sum().backward()
+    assert leaf.grad is not None
+    assert_close_to_reference(leaf.grad, expected(weight, cos, sin, kwargs, inverse=True), dtype)
+    # In place: returns x itself, rotated.
+    before = q.clone()
+    assert torch.ops.rope.fused_(q, cos, sin, **kwargs) is q
+    assert_close_to_reference(q, expected(before, cos, sin, kwargs), dtype)
+    assert_passed_through(q, before, c)
+
+
+@pytest.mark.parametrize("op", ["fused", "fused_backward", "fused_"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_tensor_opcheck(device: str, op: str) -> None:
+    (q, _, cos, sin), kwargs = make_call(SINGLE_CONVENTIONS[1], torch.float32, device)
+    torch.library.opcheck(getattr(torch.ops.rope, op).default, (q if op == "fused_" else q.requires_grad_(), cos, sin),
+                          kwargs)
+
+
+def rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return rope_kernels.fused(x, cos, sin, rotary_dim=32, interleaved=True, layout="bshd")
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_tensor_compile_torchscript_export(device: str) -> None:
+    (q, _, cos, sin), _ = make_call(Convention(layout="bshd", rotary_dim=32, interleaved=True), torch.float32, device)
+    want = rope_one(q, cos, sin)
+    assert torch.equal(torch.compile(rope_one, fullgraph=True, dynamic=True, backend="aot_eager")(q, cos, sin), want)
+    assert torch.equal(torch.jit.script(rope_one)(q, cos, sin), want)
+
+    class Module(torch.nn.Module):
+        def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+            return rope_one(x, cos, sin)
+
+    program = torch.export.export(Module(), (q, cos, sin))
+    assert torch.equal(program.module()(q, cos, sin), want)
+
+
+# ----------------------------------------------------------------------------------------------
 # The op as PyTorch sees it: opcheck, gradcheck, compile, TorchScript, export
 
 OPCHECK_CONVENTIONS = [

@@ -38,6 +38,8 @@ from .unsloth_compat import fast_rope_embedding, inplace_rope_embedding  # noqa:
 __all__ = [
     "fused_qk",
     "fused_qk_",
+    "fused",
+    "fused_",
     "build_info",
     "register_dtensor_sharding",
     "__version__",
@@ -115,6 +117,43 @@ def fused_qk_(
     return torch.ops.rope.fused_qk_(q, k, cos, sin, positions, interleaved=interleaved,
                                     interleaved_out=interleaved_out, rotary_dim=rotary_dim, layout=layout,
                                     cu_seqlens=cu_seqlens, seqlen_offsets=seqlen_offsets)
+
+
+def fused(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: Optional[torch.Tensor] = None,
+    interleaved: bool = False,
+    interleaved_out: Optional[bool] = None,
+    rotary_dim: Optional[int] = None,
+    layout: str = "bhsd",
+    cu_seqlens: Optional[torch.Tensor] = None,
+    seqlen_offsets: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One tensor (q alone, k alone, a KV cache) rotated as ``fused_qk`` rotates q: the same
+    arguments, options and math (``torch.ops.rope.fused``). Differentiable with respect to x."""
+    return torch.ops.rope.fused(x, cos, sin, positions, interleaved=interleaved, interleaved_out=interleaved_out,
+                                rotary_dim=rotary_dim, layout=layout, cu_seqlens=cu_seqlens,
+                                seqlen_offsets=seqlen_offsets)
+
+
+def fused_(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: Optional[torch.Tensor] = None,
+    interleaved: bool = False,
+    interleaved_out: Optional[bool] = None,
+    rotary_dim: Optional[int] = None,
+    layout: str = "bhsd",
+    cu_seqlens: Optional[torch.Tensor] = None,
+    seqlen_offsets: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``fused`` written into x itself; returns it (``torch.ops.rope.fused_``)."""
+    return torch.ops.rope.fused_(x, cos, sin, positions, interleaved=interleaved, interleaved_out=interleaved_out,
+                                 rotary_dim=rotary_dim, layout=layout, cu_seqlens=cu_seqlens,
+                                 seqlen_offsets=seqlen_offsets)
 
 
 def build_info() -> Dict[str, Any]:

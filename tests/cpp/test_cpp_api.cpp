@@ -1,6 +1,7 @@
 // The C++ API (rope_kernels/rope_kernels.h) against a float64 reference written here with plain
 // ATen ops: forward with and without positions, in float32 and bfloat16, on transposed views of
-// a (B, S, H, D) projection, gradients through autograd, the backward op, errors, build info.
+// a (B, S, H, D) projection, gradients through autograd, the backward op, the options and the
+// single-tensor op, errors, build info.
 #include <rope_kernels/rope_kernels.h>
 
 #include <ATen/ATen.h>
@@ -130,6 +131,36 @@ void in_place_matches_reference(const at::Device& device, at::ScalarType dtype) 
   expect_close(k, reference_rotate(k_before, cos, sin, rows, false), tol.rtol, tol.atol, what + ", k");
 }
 
+// rope_kernels::Options: interleaved pairs over the first 32 of 64 features of (B, S, H, D)
+// tensors passed as they are; and the single-tensor op, which rotates one tensor the same way.
+void options_match_reference(const at::Device& device) {
+  const std::string what = std::string("options on ") + device.str();
+  constexpr int64_t kRotary = 32;
+  const at::Tensor q = at::randn({kBatch, kSeq, kHeadsQ, kHeadDim}, at::kDouble).to(device, at::kFloat);
+  const at::Tensor k = at::randn({kBatch, kSeq, kHeadsK, kHeadDim}, at::kDouble).to(device, at::kFloat);
+  const at::Tensor angles = rope_angles(kTableRows, kRotary);
+  const at::Tensor cos = angles.cos().to(device, at::kFloat);
+  const at::Tensor sin = angles.sin().to(device, at::kFloat);
+  rope_kernels::Options options;
+  options.interleaved = true;
+  options.rotary_dim = kRotary;
+  options.layout = "bshd";
+  const auto [q_out, k_out] = rope_kernels::fused_qk(q, k, cos, sin, std::nullopt, options);
+  expect(q_out.sizes() == q.sizes() && q_out.strides() == q.strides(), what + ": q_out not laid out as q");
+
+  // Pairs (2i, 2i + 1) of the first 32 features, the rest passed through.
+  const at::Tensor x = q.transpose(1, 2).to(at::kCPU, at::kDouble);
+  const at::Tensor c = angles.narrow(0, 0, kSeq).cos().reshape({1, 1, kSeq, kRotary / 2});
+  const at::Tensor s = angles.narrow(0, 0, kSeq).sin().reshape({1, 1, kSeq, kRotary / 2});
+  const at::Tensor x1 = x.slice(-1, 0, kRotary, 2), x2 = x.slice(-1, 1, kRotary, 2);
+  const at::Tensor rotated = at::stack({x1 * c - x2 * s, x2 * c + x1 * s}, -1).flatten(-2);
+  const at::Tensor want = at::cat({rotated, x.narrow(-1, kRotary, kHeadDim - kRotary)}, -1);
+  expect_close(q_out.transpose(1, 2), want, 1e-5, 1e-5, what + ", q_out");
+
+  const at::Tensor one = rope_kernels::fused(q, cos, sin, std::nullopt, options);
+  expect(at::equal(one, q_out), what + ": fused (one tensor) differs from fused_qk's q");
+}
+
 void bad_input_raises_a_clear_error(const at::Device& device) {
   const at::Tensor odd = at::randn({1, 2, 3, 7}).to(device);  // head_dim 7 is odd
   const at::Tensor table = at::randn({8, 4}).to(device);
@@ -159,6 +190,7 @@ int main() {
       gradients_match_reference(device);
       in_place_matches_reference(device, at::kFloat);
       in_place_matches_reference(device, at::kBFloat16);
+      options_match_reference(device);
       bad_input_raises_a_clear_error(device);
       std::cout << "checked on " << device << std::endl;
     }

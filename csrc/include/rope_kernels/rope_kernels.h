@@ -37,6 +37,15 @@ using RotateInplace = std::tuple<at::Tensor, at::Tensor>(at::Tensor&, at::Tensor
                                                            std::optional<bool>, std::optional<int64_t>,
                                                            c10::string_view, const std::optional<at::Tensor>&,
                                                            const std::optional<at::Tensor>&);
+// rope::fused and rope::fused_backward: one tensor, the same options -> the rotated tensor.
+using RotateOne = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const std::optional<at::Tensor>&, bool, std::optional<bool>, std::optional<int64_t>,
+                             c10::string_view, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+// rope::fused_: one tensor rotated where it lies, and returned.
+using RotateOneInplace = at::Tensor&(at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const std::optional<at::Tensor>&, bool, std::optional<bool>,
+                                     std::optional<int64_t>, c10::string_view, const std::optional<at::Tensor>&,
+                                     const std::optional<at::Tensor>&);
 // rope::build_info.
 using BuildInfo = std::string();
 
@@ -89,6 +98,21 @@ inline const c10::TypedOperatorHandle<signatures::RotateInplace>& fused_qk_inpla
   return op;
 }
 
+inline const c10::TypedOperatorHandle<signatures::RotateOne>& fused_handle() {
+  static const auto op = find_op<signatures::RotateOne>("rope::fused");
+  return op;
+}
+
+inline const c10::TypedOperatorHandle<signatures::RotateOne>& fused_backward_handle() {
+  static const auto op = find_op<signatures::RotateOne>("rope::fused_backward");
+  return op;
+}
+
+inline const c10::TypedOperatorHandle<signatures::RotateOneInplace>& fused_inplace_handle() {
+  static const auto op = find_op<signatures::RotateOneInplace>("rope::fused_");
+  return op;
+}
+
 }  // namespace detail
 
 // Rotates q (B, Hq, S, D) and k (B, Hk, S, D) (or, with options.layout, (B, S, H, D) or packed
@@ -132,6 +156,31 @@ inline std::tuple<at::Tensor, at::Tensor> fused_qk_(at::Tensor& q, at::Tensor& k
   return detail::fused_qk_inplace_handle().call(q, k, cos, sin, positions, options.interleaved,
                                                 options.interleaved_out, options.rotary_dim, options.layout,
                                                 options.cu_seqlens, options.seqlen_offsets);
+}
+
+// One tensor (q alone, k alone, a KV cache) rotated as fused_qk rotates q: same arguments, options
+// and math; returns a new tensor laid out like x.
+inline at::Tensor fused(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                        const std::optional<at::Tensor>& positions = std::nullopt, const Options& options = {}) {
+  return detail::fused_handle().call(x, cos, sin, positions, options.interleaved, options.interleaved_out,
+                                     options.rotary_dim, options.layout, options.cu_seqlens, options.seqlen_offsets);
+}
+
+// The gradient of fused with respect to x (the options of that fused call).
+inline at::Tensor fused_backward(const at::Tensor& grad_out, const at::Tensor& cos, const at::Tensor& sin,
+                                 const std::optional<at::Tensor>& positions = std::nullopt,
+                                 const Options& options = {}) {
+  return detail::fused_backward_handle().call(grad_out, cos, sin, positions, options.interleaved,
+                                              options.interleaved_out, options.rotary_dim, options.layout,
+                                              options.cu_seqlens, options.seqlen_offsets);
+}
+
+// fused writing into x itself; returns x.
+inline at::Tensor& fused_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                          const std::optional<at::Tensor>& positions = std::nullopt, const Options& options = {}) {
+  return detail::fused_inplace_handle().call(x, cos, sin, positions, options.interleaved, options.interleaved_out,
+                                             options.rotary_dim, options.layout, options.cu_seqlens,
+                                             options.seqlen_offsets);
 }
 
 // A JSON object describing the library in the program: its version, the torch it was built
