@@ -1,9 +1,10 @@
 """One workload, every candidate: check each against the reference, then take its figures.
 
-Forward figures run with autograd recording (a training step's forward; the in-place candidate,
-which has no backward, records nothing); backward figures are the gradient of q and k alone,
+Forward figures run with autograd recording (a training step's forward; the forward-only
+candidates record nothing); backward figures are the gradient of q and k alone,
 `torch.autograd.grad` on one retained graph. Host and CUDA-graph
-figures run the forward without grad (inference, decoding).
+figures run the forward without grad (inference, decoding). A candidate that lacks a feature of
+the workload (interleaved pairs, partial rotary, a head size) is reported unavailable for it.
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .candidates import DIRECTIONS, BoundCall, Candidate
+from .check import check_convention
 from .timing import Figure, Measured, Timer
 from .workloads import Inputs, Workload, make_inputs
 
 # After .workloads, which finds rope_kernels (installed, or built in place in python/).
-from rope_kernels.testing import check_rotation  # noqa: E402
+from rope_kernels.testing import CheckResult  # noqa: E402
 
 # Host time of a call whose wall time is unknown: sizes the loop only.
 DEFAULT_ESTIMATE_US: float = 100.0
@@ -53,12 +55,17 @@ def _poison_allocator(device: torch.device, like: Sequence[torch.Tensor]) -> Non
 def check_candidate(candidate: Candidate, workload: Workload, pristine: Inputs, timer: Timer,
                     entry: Dict[str, Any]) -> Optional[Prepared]:
     """One forward and one backward (where the candidate has one) on fresh copies of the inputs,
-    each checked against the float64 reference; the calls to time when all pass, None otherwise
-    (entry says why)."""
+    each checked against the float64 reference in the workload's conventions; the calls to time
+    when all pass, None otherwise (entry says why)."""
     candidate.prepare(workload)
     inputs = pristine.clone()
     forward = candidate.bind(inputs)
-    cos_half, sin_half = pristine.reference_angles()
+
+    def check(names: Tuple[str, str], results: Sequence[torch.Tensor], sources: Tuple[torch.Tensor, torch.Tensor],
+              inverse: bool) -> CheckResult:
+        q_out, k_out = (candidate.as_heads(result, inputs) for result in results)
+        return check_convention(names[0], q_out, sources[0], pristine, inverse).combined(
+            check_convention(names[1], k_out, sources[1], pristine, inverse))
 
     _poison_allocator(timer.device, (pristine.q, pristine.k))
     timer.synchronize()
@@ -66,8 +73,7 @@ def check_candidate(candidate: Candidate, workload: Workload, pristine: Inputs, 
     outputs = forward()
     timer.synchronize()
     forward_s = time.perf_counter() - start
-    forward_check = check_rotation("q_out", outputs[0], pristine.q, cos_half, sin_half, False).combined(
-        check_rotation("k_out", outputs[1], pristine.k, cos_half, sin_half, False))
+    forward_check = check(("q_out", "k_out"), outputs, (pristine.q, pristine.k), False)
 
     if "backward" not in candidate.directions:
         entry["first_call_s"] = {"forward": forward_s}
@@ -78,14 +84,13 @@ def check_candidate(candidate: Candidate, workload: Workload, pristine: Inputs, 
             return None
         return Prepared(candidate, inputs, forward, None)
 
+    q, k, grad_q, grad_k = candidate.grad_targets(inputs)
     _poison_allocator(timer.device, (pristine.q, pristine.k))
     start = time.perf_counter()
-    grads = torch.autograd.grad(outputs, (inputs.q, inputs.k), (inputs.grad_q, inputs.grad_k),
-                                retain_graph=True)
+    grads = torch.autograd.grad(outputs, (q, k), (grad_q, grad_k), retain_graph=True)
     timer.synchronize()
     backward_s = time.perf_counter() - start
-    backward_check = check_rotation("grad_q", grads[0], pristine.grad_q, cos_half, sin_half, True).combined(
-        check_rotation("grad_k", grads[1], pristine.grad_k, cos_half, sin_half, True))
+    backward_check = check(("grad_q", "grad_k"), grads, (pristine.grad_q, pristine.grad_k), True)
     del grads
 
     # The first calls include whatever is compiled or loaded on first use (Triton JIT, Inductor).
@@ -95,8 +100,6 @@ def check_candidate(candidate: Candidate, workload: Workload, pristine: Inputs, 
         entry["status"] = "failed check"
         entry["error"] = "; ".join(m for m in (forward_check.message, backward_check.message) if m)
         return None
-
-    q, k, grad_q, grad_k = inputs.q, inputs.k, inputs.grad_q, inputs.grad_k
 
     def backward() -> Any:
         return torch.autograd.grad(outputs, (q, k), (grad_q, grad_k), retain_graph=True)
@@ -145,7 +148,9 @@ def measure_workload(workload: Workload, candidates: List[Tuple[Candidate, Optio
     record: Dict[str, Any] = {
         "name": workload.name, "shape": workload.describe(), "note": workload.note,
         "dtype": str(workload.dtype).replace("torch.", ""), "layout": workload.layout,
-        "decode": workload.decode, "bytes": workload.bytes_moved, "candidates": {}}
+        "decode": workload.decode, "bytes": workload.bytes_moved,
+        "rotary_dim": workload.rotary, "interleaved": workload.interleaved, "op_layout": workload.op_layout,
+        "documents": workload.document_lengths(), "candidates": {}}
     pristine = make_inputs(workload, device)
 
     # The floor: one plain copy of as many bytes as q and k hold (read once, written once).
@@ -166,6 +171,12 @@ def measure_workload(workload: Workload, candidates: List[Tuple[Candidate, Optio
         if unavailable is not None:
             entry["status"] = "unavailable"
             entry["error"] = unavailable
+            continue
+        lacks = candidate.unsupported(workload)
+        if lacks is not None:
+            entry["status"] = "unavailable"
+            entry["error"] = lacks
+            log("  {:<14} n/a: {}".format(candidate.label, lacks))
             continue
         try:
             ready = check_candidate(candidate, workload, pristine, timer, entry)

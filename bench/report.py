@@ -2,7 +2,8 @@
 
 Summary cells show "forward/backward" ratios to the copy floor, next to the ratio of a reference:
 torch copying q and k themselves ("q,k copy"). "n/a" marks a candidate that is
-not available here, "FAIL" one that failed the correctness check (never timed), "err" a figure
+not available here or lacks a feature of the row (interleaved pairs, partial rotary, a head size;
+the JSON says which), "FAIL" one that failed the correctness check (never timed), "err" a figure
 that could not be taken (the JSON says why), "-" a figure that does not exist on this device or
 for this candidate (the in-place op has no backward of its own).
 """

@@ -33,6 +33,10 @@ from .timing import FLUSHES, FULL, QUICK, SMOKE, Settings, Timer, make_timer
 from .workloads import WORKLOADS, Workload, workload_by_name
 
 
+# The package each peer comes from, for the versions line of the results.
+PEER_PACKAGES: Dict[str, str] = {"liger": "liger-kernel", "flash-attn": "flash-attn"}
+
+
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__.split("\n\n")[0],
@@ -132,8 +136,8 @@ def gather_meta(args: argparse.Namespace, device: torch.device, settings: Settin
                                 "available": unavailable is None, "load_s": load_s[candidate.key]}
         if unavailable is not None:
             info["unavailable"] = unavailable
-        if candidate.key == "liger" and unavailable is None:
-            info["source"] = getattr(candidate, "source", "")
+        if getattr(candidate, "source", "") and unavailable is None:  # where a peer's code came from
+            info["source"] = getattr(candidate, "source")
         meta["implementations"][candidate.key] = info
         if candidate.key == "ours" and unavailable is None:
             meta["versions"]["rope_kernels"] = candidate.version()
@@ -142,8 +146,8 @@ def gather_meta(args: argparse.Namespace, device: torch.device, settings: Settin
                 meta["rope_kernels_build"] = import_rope_kernels().build_info()
             except Exception as error:  # noqa: BLE001  (a fact to record, not a reason to stop)
                 meta["rope_kernels_build"] = "build_info() failed: {}".format(error)
-        if candidate.key == "liger" and unavailable is None:
-            meta["versions"]["liger-kernel"] = candidate.version()
+        if candidate.key in PEER_PACKAGES and unavailable is None:
+            meta["versions"][PEER_PACKAGES[candidate.key]] = candidate.version()
     return meta
 
 

@@ -18,9 +18,12 @@ key, each in the program order the launcher picks for its layout (graph time bre
 2%), and prints the rows to put into aot_specs.SM90_LAUNCH_SHAPES (or a table for another arch).
 
 Needs a CUDA GPU and Triton. The library itself is timed alongside when it can be imported
-(`ours`), so a run also shows what the shipped table gives. The grid, program order and even
-variant of every candidate come from the library's launch plan (rope::_launch_plan), so the tuner
-times exactly the launches the library would make with that shape.
+(`ours`), so a run also shows what the shipped table gives. The grid, program order, variant
+(pair conventions, even rows) and runtime arguments (rotary_half, copy_end, where the table rows
+come from) of every candidate come from the library's launch plan (rope::_launch_plan) of the
+workload's call, its options included (rotary_dim, interleaved pairs, layout, cu_seqlens), so the
+tuner times exactly the launches the library would make with that shape, and checks them in the
+workload's conventions (bench.check).
 """
 from __future__ import annotations
 
@@ -33,10 +36,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from bench.check import check_convention
 from bench.library import import_rope_kernels
-from rope_kernels.testing import check_rotation
 from bench.timing import FULL, QUICK, Figure, make_timer
 from bench.workloads import WORKLOADS, Inputs, Workload, make_inputs, workload_by_name
+
+# After bench.workloads, which finds rope_kernels (installed, or built in place in python/).
+from rope_kernels.launch_plan import LaunchPlan, launch_plan  # noqa: E402
 
 from . import aot_specs
 
@@ -67,8 +73,9 @@ def specialized_like_aot(kernel: Any) -> Any:
     By default the JIT compiles a separate kernel for an integer argument equal to 1 and assumes
     16-byte alignment for arguments that have it, e.g. seq_len == 1 in decoding. The cubins the
     library ships know only what the aligned variant hints: the q/k/out/cos/sin pointers,
-    half_dim and their strides. The tuner timed decode shapes 4 to 10 % faster than the same
-    shape compiled ahead of time. Every other runtime parameter is left unspecialized here.
+    rotary_half, copy_end and their strides. The tuner timed decode shapes 4 to 10 % faster than
+    the same shape compiled ahead of time. Every other runtime parameter is left unspecialized
+    here, pos_kind and offsets_kind included: they are runtime arguments of every cubin.
 
     The JIT types an integer argument by its value: 32-bit when it fits, as every stride of the
     benchmark's workloads does. That matches the aligned cubins, which take 32-bit strides.
@@ -92,26 +99,59 @@ def candidate_shapes(block_d2: int, block_hs: List[int], warps: List[int]) -> Li
     return shapes
 
 
+def as_index_pointer(t: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """What the kernel's pos_ptr and offsets_ptr receive: the index tensor's memory typed int32,
+    as the cubins declare them (aot_specs.Variant.signature; the kernel reads int64 ones through a
+    cast pointer, pos_kind and offsets_kind say which), or a one-element placeholder where there
+    is none (never read: pos_kind or offsets_kind is 0)."""
+    if t is None:
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    # Only the address is passed: an int32 view of the same memory (its shape is not used).
+    t = t.contiguous()
+    return t.view(torch.int32) if t.dtype == torch.int64 else t
+
+
+def plan_of(inputs: Inputs, capability: int, shape: Optional[Shape] = None) -> LaunchPlan:
+    """The library's plan of fused_qk on the workload's tensors, as the op takes them (its layout
+    and options), with the heads per program and program order of `shape` where given."""
+    return launch_plan(inputs.native_q.detach(), inputs.native_k.detach(), inputs.table_cos, inputs.table_sin,
+                       inputs.positions, capability=capability,
+                       block_h=None if shape is None else shape.block_h,
+                       heads_fastest=None if shape is None else shape.heads_fastest, **inputs.options)
+
+
 def launcher(kernel: Any, inputs: Inputs, q_out: torch.Tensor, k_out: torch.Tensor, shape: Shape,
              capability: int) -> Callable[[], None]:
-    """A no-argument call of the JIT kernel on these tensors (forward rotation) with this shape,
-    launched as the library's plan says it would launch that shape."""
-    from rope_kernels.launch_plan import launch_plan
-
+    """A no-argument call of the JIT kernel (forward rotation) with this shape, from the (B, H, S, D)
+    views inputs.q and inputs.k into the (B, H, S, D) views q_out and k_out of outputs laid out as
+    the op lays them out. Launched as the library's plan says it would launch that shape: the same
+    variant (pair conventions, even rows), grid and program order, and the same runtime arguments
+    (rotary_half, copy_end, where the table rows come from)."""
     q, k = inputs.q.detach(), inputs.k.detach()
-    cos, sin, pos = inputs.table_cos, inputs.table_sin, inputs.positions
-    _, heads_q, seq, head_dim = q.shape
+    cos, sin = inputs.table_cos, inputs.table_sin
+    heads_q, seq = q.shape[1], q.shape[2]
     heads_k = k.shape[1]
-    plan = launch_plan(q, k, cos, sin, pos, capability=capability, block_h=shape.block_h,
-                       heads_fastest=shape.heads_fastest)
-    grid, grid_order, block_d2, even_d = plan.grid, plan.grid_order, plan.block_d2, plan.even_d
-    pos_arg = pos if pos is not None else q  # never read without HAS_POS
-    pos_strides = (pos.stride(0), pos.stride(1)) if pos is not None else (0, 0)
+    plan = plan_of(inputs, capability, shape)
+    cu_seqlens: Optional[torch.Tensor] = inputs.options.get("cu_seqlens")
+    offsets: Optional[torch.Tensor] = inputs.options.get("seqlen_offsets")
+    pos = None if inputs.positions is None else inputs.positions.contiguous()
+    # pos_ptr: cu_seqlens for packed sequences, else the positions.
+    pos_arg = as_index_pointer(cu_seqlens if cu_seqlens is not None else pos, q.device)
+    offsets_arg = as_index_pointer(offsets, q.device)
+    n_docs = 0 if cu_seqlens is None else cu_seqlens.numel() - 1
+    offsets_kind = 0 if offsets is None else (2 if offsets.dtype == torch.int64 else 1)  # aot_specs.POS_KINDS
+    if pos is None:
+        pos_strides = (0, 0)
+    elif pos.dim() == 1:
+        pos_strides = (0, pos.stride(0))  # one (S,) row for every sequence, as the op expands it
+    else:
+        pos_strides = (pos.stride(0), pos.stride(1))
 
     def call() -> None:
-        kernel[grid](
-            q, k, q_out, k_out, cos, sin, pos_arg,
-            seq, heads_q, heads_k, head_dim // 2, cos.shape[0], 1, grid_order,
+        kernel[plan.grid](
+            q, k, q_out, k_out, cos, sin, pos_arg, offsets_arg,
+            seq, heads_q, heads_k, plan.rotary_half, plan.copy_end, cos.shape[0], 1, plan.grid_order,
+            plan.pos_kind, n_docs, offsets_kind,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             q_out.stride(0), q_out.stride(1), q_out.stride(2),
@@ -119,7 +159,8 @@ def launcher(kernel: Any, inputs: Inputs, q_out: torch.Tensor, k_out: torch.Tens
             cos.stride(0), sin.stride(0),
             0, 0,  # one table shared by every sequence
             pos_strides[0], pos_strides[1],
-            BLOCK_D2=block_d2, BLOCK_H=shape.block_h, HAS_POS=pos is not None, EVEN_D=even_d,
+            BLOCK_D2=plan.block_d2, BLOCK_H=shape.block_h, EVEN_D=plan.even_d,
+            READ_INTERLEAVED=plan.read_interleaved, WRITE_INTERLEAVED=plan.write_interleaved,
             num_warps=shape.num_warps)
 
     return call
@@ -127,16 +168,13 @@ def launcher(kernel: Any, inputs: Inputs, q_out: torch.Tensor, k_out: torch.Tens
 
 def tune_workload(workload: Workload, block_hs: List[int], warps: List[int], kernel: Any, timer: Any,
                   capability: int, ours: Optional[Any], log: Callable[[str], None]) -> Dict[str, Any]:
-    from rope_kernels.launch_plan import launch_plan
-
     device = timer.device
     inputs = make_inputs(workload, device)
-    plan = launch_plan(inputs.q.detach(), inputs.k.detach(), inputs.table_cos, inputs.table_sin, inputs.positions,
-                       capability=capability)
+    plan = plan_of(inputs, capability)
     shapes = candidate_shapes(plan.block_d2, block_hs, warps)
-    q_out = torch.empty_like(inputs.q.detach())
-    k_out = torch.empty_like(inputs.k.detach())
-    cos_half, sin_half = inputs.reference_angles()
+    # Outputs laid out as the op lays them out (like its q and k), seen as (B, H, S, D) views.
+    q_out = inputs.as_heads(torch.empty_like(inputs.native_q.detach()))
+    k_out = inputs.as_heads(torch.empty_like(inputs.native_k.detach()))
     source = torch.randn(inputs.q.numel() + inputs.k.numel(), dtype=workload.dtype, device=device)
     target = torch.empty_like(source)
     figures = [Figure("floor", lambda: target.copy_(source))]
@@ -147,15 +185,15 @@ def tune_workload(workload: Workload, block_hs: List[int], warps: List[int], ker
 
     calls: Dict[str, Callable[[], None]] = {}
     if ours is not None:
-        q, k = inputs.q.detach(), inputs.k.detach()
-        calls["ours"] = lambda: ours(q, k, inputs.table_cos, inputs.table_sin, inputs.positions)
+        q, k = inputs.native_q.detach(), inputs.native_k.detach()
+        calls["ours"] = lambda: ours(q, k, inputs.table_cos, inputs.table_sin, inputs.positions, **inputs.options)
     for shape in shapes:
         call = launcher(kernel, inputs, q_out, k_out, shape, capability)
         q_out.fill_(float("nan"))
         k_out.fill_(float("nan"))
         call()
-        check = check_rotation("q", q_out, inputs.q, cos_half, sin_half, False).combined(
-            check_rotation("k", k_out, inputs.k, cos_half, sin_half, False))
+        check = check_convention("q", q_out, inputs.q, inputs, False).combined(
+            check_convention("k", k_out, inputs.k, inputs, False))
         if not check.passed:
             record["results"][shape.label] = {"error": check.message}
             log("  {:<8} FAILED: {}".format(shape.label, check.message))

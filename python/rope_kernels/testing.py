@@ -721,15 +721,39 @@ def assert_unchanged(args: RopeArgs, before: List[Optional[torch.Tensor]]) -> No
 # training rows use a table of at least this many rows too, as a model's table is its context.
 TABLE_ROWS: int = 8192
 
-# Smoke runs keep each workload's heads, head dim, dtype and layout and shrink only B and S.
+# Smoke runs keep each workload's heads, head dim, dtype, layout and conventions and shrink only
+# B and S (and the number of packed documents).
 SMOKE_BATCH: int = 2
 SMOKE_SEQ: int = 8
+SMOKE_DOCUMENTS: int = 3
+
+# The seed of the packed rows' document lengths: every run packs the same documents.
+DOCUMENT_SEED: int = 0
+
+# Values of Workload.op_layout, the op's `layout` option.
+OP_LAYOUTS: Tuple[str, ...] = ("bhsd", "bshd", "thd")
+
+
+def document_lengths(total: int, count: int, seed: int = DOCUMENT_SEED) -> List[int]:
+    """`count` document lengths, each at least 1, summing to `total`: cut at count - 1 distinct
+    points of (0, total) drawn uniformly from a generator seeded with `seed`, so that the lengths
+    are mixed (many short documents, a few long ones) and the same on every run and machine."""
+    if not 0 < count <= total:
+        raise ValueError("cannot cut {} tokens into {} documents".format(total, count))
+    generator = torch.Generator().manual_seed(seed)
+    cuts = (torch.randperm(total - 1, generator=generator)[:count - 1] + 1).tolist()
+    bounds = [0] + sorted(cuts) + [total]
+    return [end - start for start, end in zip(bounds, bounds[1:])]
 
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """One benchmark shape. q and k are transposed views of (B, S, H, D) projection outputs
-    (layout "bshd", what a model hands to RoPE), or contiguous (B, H, S, D) tensors ("bhsd")."""
+    (layout "bshd", what a model hands to RoPE), or contiguous (B, H, S, D) tensors ("bhsd").
+
+    The conventions default to the Llama ones (every feature rotated, half-split pairs, the op
+    given the (B, H, S, D) views); a row that sets them measures the op's options on the same
+    kind of tensors."""
 
     name: str
     batch: int
@@ -742,6 +766,40 @@ class Workload:
     # Decode rows: positions drawn at random from the table, and a CUDA-graph figure.
     decode: bool = False
     note: str = ""
+    # Features rotated at the start of each head (the op's rotary_dim); None: all of them.
+    rotary_dim: Optional[int] = None
+    # Pairs (x[2i], x[2i+1]) (GPT-J, GLM) instead of (x[i], x[i + R/2]).
+    interleaved: bool = False
+    # The op's `layout` option: "bhsd" takes the (B, H, S, D) views; "bshd" the (B, S, H, D)
+    # tensors themselves (layout "bshd"); "thd" the B * S tokens packed as (T, H, D) tensors
+    # (batch 1, layout "bshd"), cut into `documents` documents that cu_seqlens delimits.
+    op_layout: str = "bhsd"
+    documents: int = 0
+
+    def __post_init__(self) -> None:
+        if self.op_layout not in OP_LAYOUTS:
+            raise ValueError("{}: op_layout {!r} is none of {}".format(self.name, self.op_layout, OP_LAYOUTS))
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ValueError("{}: rotary_dim {} is not even in (0, {}]".format(self.name, self.rotary_dim, self.head_dim))
+        if self.op_layout != "bhsd" and self.layout != "bshd":
+            raise ValueError("{}: op_layout {!r} needs (B, S, H, D) tensors (layout \"bshd\")".format(
+                self.name, self.op_layout))
+        if (self.op_layout == "thd") != (self.documents > 0) or (self.packed and self.batch != 1):
+            raise ValueError("{}: packed rows (op_layout \"thd\") have batch 1 and documents, others none".format(
+                self.name))
+
+    @property
+    def rotary(self) -> int:
+        """R, the number of features rotated at the start of each head."""
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
+
+    @property
+    def packed(self) -> bool:
+        return self.op_layout == "thd"
+
+    def document_lengths(self) -> List[int]:
+        """The lengths of the packed documents (empty for a row that packs none)."""
+        return document_lengths(self.seq, self.documents) if self.packed else []
 
     @property
     def table_rows(self) -> int:
@@ -749,23 +807,35 @@ class Workload:
 
     @property
     def bytes_moved(self) -> int:
-        """Bytes the memory system must move at least: q and k read once and written once
-        (the cos/sin rows are small next to them and are left out, as in the copy floor)."""
+        """Bytes the memory system must move at least: q and k read once and written once, all
+        of them (an out-of-place call writes the features past rotary_dim too; the cos/sin rows
+        are small next to q and k and are left out, as in the copy floor)."""
         elements = self.batch * self.seq * (self.heads_q + self.heads_k) * self.head_dim
         return 2 * elements * torch.empty((), dtype=self.dtype).element_size()
 
     def smoke(self) -> "Workload":
         """The same workload with B and S cut down, for functional runs on a CPU."""
         seq = self.seq if self.decode else min(self.seq, SMOKE_SEQ)
-        return dataclasses.replace(self, batch=min(self.batch, SMOKE_BATCH), seq=seq)
+        documents = min(self.documents, SMOKE_DOCUMENTS, seq)
+        return dataclasses.replace(self, batch=min(self.batch, SMOKE_BATCH), seq=seq, documents=documents)
 
     def describe(self) -> str:
         dtype = str(self.dtype).replace("torch.", "")
-        return "B={} S={} Hq={} Hk={} D={} {} {}".format(
-            self.batch, self.seq, self.heads_q, self.heads_k, self.head_dim, dtype, self.layout)
+        if self.packed:
+            tokens = "T={} in {} documents".format(self.batch * self.seq, self.documents)
+        else:
+            tokens = "B={} S={}".format(self.batch, self.seq)
+        text = "{} Hq={} Hk={} D={} {} {}".format(
+            tokens, self.heads_q, self.heads_k, self.head_dim, dtype,
+            self.layout if self.op_layout == "bhsd" else "layout=" + self.op_layout)
+        if self.rotary_dim is not None:
+            text += " rotary_dim={}".format(self.rotary_dim)
+        if self.interleaved:
+            text += " interleaved"
+        return text
 
 
-# In the order of the performance notes.
+# In the order of the performance notes; the rows of the op's options come last.
 WORKLOADS: List[Workload] = [
     Workload("llama8b-train", 4, 4096, 32, 8, 128, torch.bfloat16, note="the main training shape"),
     Workload("seed-example", 2, 1024, 32, 32, 128, torch.float16, layout="bhsd",
@@ -779,6 +849,15 @@ WORKLOADS: List[Workload] = [
              note="positions drawn at random from 8192"),
     Workload("decode-b64", 64, 1, 32, 8, 128, torch.bfloat16, decode=True,
              note="positions drawn at random from 8192"),
+    Workload("phi4-partial", 4, 4096, 32, 8, 128, torch.bfloat16, rotary_dim=96,
+             note="partial rotary: the first 96 of 128 features"),
+    Workload("glm4-interleaved", 4, 4096, 32, 2, 128, torch.bfloat16, rotary_dim=64, interleaved=True,
+             note="GLM-4: interleaved pairs over half of each head"),
+    Workload("thd-packed", 1, 16384, 32, 8, 128, torch.bfloat16, op_layout="thd", documents=64,
+             note="64 packed documents of mixed lengths, cu_seqlens"),
+    Workload("bshd-decode", 64, 1, 32, 8, 128, torch.bfloat16, decode=True, op_layout="bshd",
+             note="(B, S, H, D) tensors with layout=\"bshd\"; positions drawn at random from 8192"),
+    Workload("hd512-gemma4", 2, 4096, 16, 8, 512, torch.bfloat16, note="head_dim 512 (Gemma 4)"),
 ]
 
 
