@@ -8,7 +8,7 @@ with a plain float64 formula computed on the CPU (independent of the device's ar
 
 import dataclasses
 import math
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -43,8 +43,16 @@ class Case:
     positions: str
     # Size-1 dims in front of the table, as Hugging Face sometimes keeps them: the op squeezes them.
     table_leading_ones: int = 0
-    # fp64 and head dims above 256 are CPU-only by contract.
+    # fp64 and head dims above 512 are CPU-only by contract.
     cpu_only: bool = False
+    # The op's conventions (docs/conventions.md): partial rotary and the pairing of features.
+    rotary_dim: Optional[int] = None
+    interleaved: bool = False
+    interleaved_out: Optional[bool] = None
+
+    def options(self) -> Dict[str, Any]:
+        return {"rotary_dim": self.rotary_dim, "interleaved": self.interleaved,
+                "interleaved_out": self.interleaved_out}
 
 
 def self_check_cases() -> List[Case]:
@@ -59,7 +67,14 @@ def self_check_cases() -> List[Case]:
         # MQA slices of a fused projection, (S,) int32 positions, fp32 table with leading size-1 dims.
         Case(2, 40, 4, 1, 32, torch.float16, "qkv", True, torch.float32, 128, "s", 2),
         # The largest head dim the GPU kernels take.
-        Case(1, 8, 2, 1, 256, torch.bfloat16, "bhsd", False, None, 8, "none"),
+        Case(1, 8, 2, 1, 512, torch.bfloat16, "bhsd", False, None, 8, "none"),
+        # Partial rotary (Phi-4-mini: 96 of 128 features; the rest copied through).
+        Case(2, 24, 8, 2, 128, torch.bfloat16, "bshd", True, None, 24, "bs", rotary_dim=96),
+        # Interleaved pairs over half the head (GLM-4), on slices of a fused projection.
+        Case(2, 16, 4, 2, 128, torch.float16, "qkv", False, torch.float32, 16, "none", rotary_dim=64,
+             interleaved=True),
+        # Interleaved pairs in, half-split out (DeepSeek-V3), a head size whose half is not a power of two.
+        Case(1, 8, 2, 1, 192, torch.bfloat16, "bshd", False, None, 8, "s", interleaved=True, interleaved_out=False),
         # Invalid rows (negative, S_max, and one past 2^32 that would alias row 1 if truncated).
         Case(2, 8, 2, 2, 16, torch.float32, "bshd", True, None, 12, "out_of_range"),
         # fp64 and the smallest head dim: the CPU implementation's exact path.
@@ -73,8 +88,13 @@ def describe(case: Case) -> str:
     table = "{} {}".format("full" if case.full_table else "half", dtype_name(table_dtype))
     layout = {"bhsd": "(B,H,S,D)", "bshd": "(B,S,H,D).T", "qkv": "fused-qkv"}[case.layout]
     shape = "B{} S{} H{}/{} D{}".format(case.batch, case.seq, case.heads_q, case.heads_k, case.head_dim)
-    return "{:<5} {:<20} {:<12} table {:<10} pos {:<12}".format(
-        dtype_name(case.dtype), shape, layout, table, case.positions)
+    pairs = "interleaved" if case.interleaved else "half"
+    out_pairs = case.interleaved if case.interleaved_out is None else case.interleaved_out
+    if out_pairs != case.interleaved:
+        pairs += "->" + ("interleaved" if out_pairs else "half")
+    rotary = "" if case.rotary_dim is None else " R{}".format(case.rotary_dim)
+    return "{:<5} {:<20} {:<12} table {:<10} pos {:<12} {}{}".format(
+        dtype_name(case.dtype), shape, layout, table, case.positions, pairs, rotary)
 
 
 def random_tensor(shape: List[int], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -93,7 +113,8 @@ def make_qk(case: Case, gen: torch.Generator, device: torch.device) -> Tuple[tor
 def make_tables(case: Case, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """The case's cos/sin tables, with any leading size-1 dims it asks for."""
     table_dtype = case.table_dtype if case.table_dtype is not None else case.dtype
-    cos, sin = cos_sin_tables(case.table_rows, case.head_dim, full_width=case.full_table,
+    rotary = case.head_dim if case.rotary_dim is None else case.rotary_dim
+    cos, sin = cos_sin_tables(case.table_rows, rotary, full_width=case.full_table,
                               dtype=table_dtype, device=device)
     for _ in range(case.table_leading_ones):
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
@@ -163,12 +184,13 @@ def run_case(case: Case, device: torch.device, gen: torch.Generator) -> CaseResu
     cos, sin = make_tables(case, device)
     positions = make_positions(case, gen, device)
 
-    q_out, k_out = torch.ops.rope.fused_qk(q, k, cos, sin, positions)
+    options = case.options()
+    q_out, k_out = torch.ops.rope.fused_qk(q, k, cos, sin, positions, **options)
     problems = layout_problems("q_out", q, q_out) + layout_problems("k_out", k, k_out)
     if dtype_shape_problems("q_out", q, q_out) or dtype_shape_problems("k_out", k, k_out):
         return CaseResult(math.nan, math.nan, problems)  # nothing to compare element by element
-    q_ref, q_size = reference_rope_and_size(q, cos, sin, positions, inverse=False)
-    k_ref, k_size = reference_rope_and_size(k, cos, sin, positions, inverse=False)
+    q_ref, q_size = reference_rope_and_size(q, cos, sin, positions, inverse=False, **options)
+    k_ref, k_size = reference_rope_and_size(k, cos, sin, positions, inverse=False, **options)
     forward = max(error_ratio(q_out, q_ref, q_size, FUSED_KERNEL), error_ratio(k_out, k_ref, k_size, FUSED_KERNEL))
 
     # d/dx sum(out * w) = R(-angle) w: the backward must be the inverse rotation of the weights.
@@ -180,8 +202,8 @@ def run_case(case: Case, device: torch.device, gen: torch.Generator) -> CaseResu
     grad_problems = dtype_shape_problems("grad_q", q, grad_q) + dtype_shape_problems("grad_k", k, grad_k)
     if grad_problems:
         return CaseResult(forward, math.nan, problems + grad_problems)
-    gq_ref, gq_size = reference_rope_and_size(w_q, cos, sin, positions, inverse=True)
-    gk_ref, gk_size = reference_rope_and_size(w_k, cos, sin, positions, inverse=True)
+    gq_ref, gq_size = reference_rope_and_size(w_q, cos, sin, positions, inverse=True, **options)
+    gk_ref, gk_size = reference_rope_and_size(w_k, cos, sin, positions, inverse=True, **options)
     backward = max(error_ratio(grad_q, gq_ref, gq_size, FUSED_KERNEL), error_ratio(grad_k, gk_ref, gk_size, FUSED_KERNEL))
     return CaseResult(forward, backward, problems)
 
