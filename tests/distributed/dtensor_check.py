@@ -12,26 +12,23 @@ Exit status 0 when every check passes; rank 0 prints one line per check.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
-# NVLink multicast stays off: it must be decided before NCCL creates a communicator.
-os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
+import torch
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import rope_kernels  # noqa: F401  (imported before DTensor on purpose: the rule must still be registered)
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.placement_types import Placement
 
-import rope_kernels  # noqa: E402,F401  (imported before DTensor on purpose: the rule must still be registered)
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh  # noqa: E402
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module  # noqa: E402
-from torch.distributed.tensor.placement_types import Placement  # noqa: E402
-
-# This directory (tiny_llama) and the tests directory.
+# This directory (process_group, tiny_llama) and the tests directory.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
+import process_group  # noqa: E402
 from rope_kernels.testing import (RopeCase, assert_close_to_reference, make_args,  # noqa: E402
                                   reference_fused_qk, tolerance)
 from tiny_llama import Attention, TinyLlamaConfig, rope_tables  # noqa: E402
@@ -77,7 +74,7 @@ def expected_outputs(sharding: Sharding, positions: str) -> Optional[Tuple[Place
     return sharding.outputs
 
 
-def within_one_rounding(dtype: torch.dtype) -> dict:
+def within_one_rounding(dtype: torch.dtype) -> Dict[str, float]:
     """Tolerance between two results that are each within half an ulp of the exact value (other
     kernel variants may be picked for the shards' layouts): one ulp."""
     tol = tolerance(dtype)
@@ -90,7 +87,7 @@ def table_placement(sharding: Sharding, per_sequence_tables: bool, table_leading
     return Shard(table_leading) if per_sequence_tables and sharding.q == Shard(0) else R
 
 
-def check_sharded_op(mesh, device: str, dtype: torch.dtype, sharding: Sharding, positions: str,
+def check_sharded_op(mesh: DeviceMesh, device: str, dtype: torch.dtype, sharding: Sharding, positions: str,
                      per_sequence_tables: bool, seed: int, table_leading: int = 0) -> None:
     torch.manual_seed(seed)  # the same global tensors on every rank
     # Uneven splits on purpose: batch 3 and sequence 7 do not divide by 2.
@@ -129,7 +126,7 @@ def check_sharded_op(mesh, device: str, dtype: torch.dtype, sharding: Sharding, 
         assert_close_to_reference(grad.full_tensor(), ref, dtype)
 
 
-def check_tensor_parallel_attention(mesh, device: str, dtype: torch.dtype) -> None:
+def check_tensor_parallel_attention(mesh: DeviceMesh, device: str, dtype: torch.dtype) -> None:
     """Heads split over the ranks (q/k/v projections by columns, the output one by rows): the op
     sees each rank's heads; the result is the one-process block's."""
     config = TinyLlamaConfig(heads_q=4, heads_k=2, head_dim=16, dim=64)
@@ -152,7 +149,7 @@ def check_tensor_parallel_attention(mesh, device: str, dtype: torch.dtype) -> No
     torch.testing.assert_close(got_grad, expected_grad, **tol)
 
 
-def check_dtensor_heads_from_projection(mesh, device: str, dtype: torch.dtype) -> None:
+def check_dtensor_heads_from_projection(mesh: DeviceMesh, device: str, dtype: torch.dtype) -> None:
     """q/k kept as DTensors out of column-parallel projections: after view and transpose they are
     sharded over heads, and the op keeps them so."""
     config = TinyLlamaConfig(heads_q=4, heads_k=2, head_dim=16, dim=64)
@@ -179,31 +176,15 @@ def check_dtensor_heads_from_projection(mesh, device: str, dtype: torch.dtype) -
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", choices=["nccl", "gloo"], required=True,
-                        help="nccl: one GPU per process (cuda:LOCAL_RANK); gloo: CPU")
-    args = parser.parse_args(argv)
-    if "RANK" not in os.environ:
-        print("run under torchrun (torchrun --nproc-per-node 2 ...)", file=sys.stderr)
-        return 2
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    gpu = None
-    if args.backend == "nccl":
-        gpu = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(gpu)
-        device, dtypes = "cuda", [torch.bfloat16, torch.float32]
-    else:
-        device, dtypes = "cpu", [torch.float32, torch.float64]
-    # The GPU named up front binds NCCL to it at once (collectives need not guess the device).
-    dist.init_process_group(args.backend, device_id=gpu)
-    mesh = init_device_mesh(device, (world,))
+    group = process_group.start(__doc__, argv)
+    mesh, device, world = group.mesh, group.device, group.world
 
     def report(line: str) -> None:
-        if rank == 0:
+        if group.rank == 0:
             print(line, flush=True)
 
     seed = 0
-    for dtype in dtypes:
+    for dtype in group.dtypes:
         for sharding in SHARDINGS:
             for positions in POSITIONS:
                 seed += 1
@@ -221,11 +202,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     report(f"tensor-parallel attention ({world} ranks, heads split): ok")
     check_dtensor_heads_from_projection(mesh, device, model_dtype)
     report("column-parallel projections kept as DTensors, rotated without gathering: ok")
-    # Both ranks finish every collective before the teardown: a rank that tears gloo down while
-    # its peer is still using the connection can be aborted (seen once in CI).
-    dist.barrier()
-    dist.destroy_process_group()
-    report(f"DTensor checks on {world} x {device} ({args.backend}): all ok")
+    process_group.finish()
+    report(f"DTensor checks on {world} x {device} ({group.backend}): all ok")
     return 0
 
 
