@@ -33,8 +33,9 @@ STRIDE_PARAMS = (
 GRID_ORDERS = ("flat", "heads_fastest", "sequence_fastest")
 # Values of pos_kind, in order: where a token's table row comes from (the POS_* constants of
 # rope_kernel.py and the PosKind enum of kernel_table.h; the build checks both). A
-# runtime argument, not a specialization: the branch is one scalar test per program, and it keeps
-# the table a third of the size it would be with a variant per kind (docs/performance.md).
+# runtime argument, not a specialization, so that the table is a third of the size a variant per
+# kind would make it; whether the branch costs kernel time is open: the base rows ran slower with
+# it (the last line of the log in docs/performance.md).
 POS_KINDS = ("none", "int32", "int64", "cu_seqlens_int32", "cu_seqlens_int64")
 RUNTIME_PARAMS = POINTER_PARAMS + I32_PARAMS + STRIDE_PARAMS
 NUM_RUNTIME_PARAMS = len(RUNTIME_PARAMS)  # 37, as the launcher passes them
