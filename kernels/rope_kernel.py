@@ -165,8 +165,19 @@ def rope_qk_kernel(
         pair_mask = head_ok & d_ok[None, :]
         feature_mask = head_ok & (f < 2 * rotary_half)[None, :]
 
-    # q/k first: their addresses need no other load, so they are in flight while the position
-    # and then its cos/sin row (a chain of dependent loads) arrive.
+    # Packed sequences: the token's document is searched before q/k are loaded. After the loads,
+    # the search (its reduction across warps) slows every variant by about 10 %, packed or not;
+    # here it costs the others nothing (docs/performance.md).
+    if pos_kind >= POS_CU_SEQLENS_INT32:
+        doc, doc_start = _document_start(pos_ptr, s, n_docs, pos_kind == POS_CU_SEQLENS_INT64)
+        packed_row = s - doc_start
+        if offsets_kind != POS_NONE:
+            packed_row += _load_index(offsets_ptr, doc, offsets_kind == POS_INT64)
+    else:
+        packed_row = s
+
+    # q/k before the position: their addresses need no other load, so they are in flight while
+    # the position and then its cos/sin row (a chain of dependent loads) arrive.
     if READ_INTERLEAVED:
         # Whole rows in 16-byte vectors, then each pair split in registers.
         x = tl.load(_tiles(q_ptr, k_ptr, q_rows, k_rows, is_q, f), mask=feature_mask).to(tl.float32)
@@ -181,10 +192,7 @@ def rope_qk_kernel(
     elif pos_kind <= POS_INT64:
         row = _load_index(pos_ptr, b * pos_stride_b + s * pos_stride_s, pos_kind == POS_INT64)
     else:
-        doc, doc_start = _document_start(pos_ptr, s, n_docs, pos_kind == POS_CU_SEQLENS_INT64)
-        row = s - doc_start
-        if offsets_kind != POS_NONE:
-            row += _load_index(offsets_ptr, doc, offsets_kind == POS_INT64)
+        row = packed_row
     # A position outside the table must not read out of bounds: such a token's outputs are NaN
     # (documented), which makes the bad input visible instead of silently rotating by a wrong angle.
     row_ok = (row >= 0) & (row < table_rows)

@@ -440,6 +440,11 @@ BAD_OPTIONS: List[BadOption] = [
     BadOption("cu_seqlens_2d", Convention(layout="thd"), {"cu_seqlens": "<2-D cu>"}, r"cu_seqlens must be 1-D"),
     BadOption("cu_seqlens_of_no_document", Convention(layout="thd"), {"cu_seqlens": "<cu of none>"},
               r"cu_seqlens of shape \[1\] holds no document, but there are 9 tokens"),
+    # Index tensors left on the CPU beside CUDA q and k (the kernel would read host memory).
+    BadOption("cu_seqlens_on_another_device", Convention(layout="thd"), {"cu_seqlens": "<cu on the cpu>"},
+              r"cu_seqlens must be on q's device \(cuda:0\); got cpu", devices=("cuda",)),
+    BadOption("offsets_on_another_device", Convention(layout="thd"), {"seqlen_offsets": "<offsets on the cpu>"},
+              r"seqlen_offsets must be on q's device \(cuda:0\); got cpu", devices=("cuda",)),
     # The values: only where reading them needs no device synchronization.
     BadOption("cu_seqlens_not_from_0", Convention(layout="thd"), {"cu_seqlens": "<cu from 1>"},
               r"cu_seqlens must start at 0", devices=("cpu",)),
@@ -460,6 +465,8 @@ _SPECIAL_VALUES = {
     "<cu from 1>": lambda: torch.tensor([1, 3, 3, 7, 9]),
     "<cu decreasing>": lambda: torch.tensor([0, 3, 2, 7, 9]),
     "<cu short>": lambda: torch.tensor([0, 3, 3, 7, 8]),
+    "<cu on the cpu>": lambda: torch.tensor([0, 3, 3, 7, 9]),
+    "<offsets on the cpu>": lambda: torch.tensor([0, 1, 2, 3]),
 }
 
 
@@ -477,8 +484,11 @@ def bad_option_params() -> List[Any]:
 def test_bad_option_is_refused(device: str, bad: BadOption, op: str) -> None:
     (q, k, cos, sin), kwargs = make_call(bad.convention, torch.float32, "cpu" if device == "meta" else device)
     for key, value in bad.change.items():
-        kwargs[key] = _SPECIAL_VALUES[value]().to(q.device) if isinstance(value, str) and value.startswith("<") \
-            else value
+        if isinstance(value, str) and value.startswith("<"):
+            special = _SPECIAL_VALUES[value]()
+            kwargs[key] = special if value.endswith("on the cpu>") else special.to(q.device)
+        else:
+            kwargs[key] = value
     if device == "meta":
         q, k, cos, sin = (t.to("meta") for t in (q, k, cos, sin))
         kwargs = {key: v.to("meta") if isinstance(v, torch.Tensor) else v for key, v in kwargs.items()}
