@@ -33,9 +33,9 @@ STRIDE_PARAMS = (
 GRID_ORDERS = ("flat", "heads_fastest", "sequence_fastest")
 # Values of pos_kind, in order: where a token's table row comes from (the POS_* constants of
 # rope_kernel.py and the PosKind enum of kernel_table.h; the build checks both). A runtime
-# argument, not a specialization: the table is a third of the size a variant per kind would make
-# it, and the branch costs the base rows nothing measurable (llama8b-train 1.033 against 1.035 as
-# a specialization), head_dim 512 about 2 % (docs/performance.md).
+# argument, which keeps the table a third of the size a variant per kind would make it, at a
+# measured cost on wide grids: llama8b-train 1.18x the copy floor against 1.03x with the kind a
+# specialization (docs/performance.md).
 POS_KINDS = ("none", "int32", "int64", "cu_seqlens_int32", "cu_seqlens_int64")
 RUNTIME_PARAMS = POINTER_PARAMS + I32_PARAMS + STRIDE_PARAMS
 NUM_RUNTIME_PARAMS = len(RUNTIME_PARAMS)  # 37, as the launcher passes them

@@ -165,9 +165,8 @@ def rope_qk_kernel(
         pair_mask = head_ok & d_ok[None, :]
         feature_mask = head_ok & (f < 2 * rotary_half)[None, :]
 
-    # Packed sequences: the token's document is searched before q/k are loaded. After the loads,
-    # the search (its reduction across warps) slows every variant by about 10 %, packed or not;
-    # here it costs the others nothing (docs/performance.md).
+    # Packed sequences: the token's document is searched before q/k are loaded; after the loads,
+    # the search slows head_dim 512 by a fifth and the other variants too (docs/performance.md).
     if pos_kind >= POS_CU_SEQLENS_INT32:
         doc, doc_start = _document_start(pos_ptr, s, n_docs, pos_kind == POS_CU_SEQLENS_INT64)
         packed_row = s - doc_start
