@@ -33,13 +33,12 @@ STRIDE_PARAMS = (
 GRID_ORDERS = ("flat", "heads_fastest", "sequence_fastest")
 # Values of pos_kind, in order: where a token's table row comes from (the POS_* constants of
 # rope_kernel.py and the PosKind enum of kernel_table.h; the build checks both). A runtime
-# argument, which keeps the table a third of the size a variant per kind would make it, at a
-# measured cost on wide grids: llama8b-train 1.18x the copy floor against 1.03x with the kind a
-# specialization (docs/performance.md).
+# argument: written so that it costs wide grids nothing measurable, it spares the table a variant
+# per kind (docs/performance.md).
 POS_KINDS = ("none", "int32", "int64", "cu_seqlens_int32", "cu_seqlens_int64")
 RUNTIME_PARAMS = POINTER_PARAMS + I32_PARAMS + STRIDE_PARAMS
 NUM_RUNTIME_PARAMS = len(RUNTIME_PARAMS)  # 37, as the launcher passes them
-CONSTEXPR_PARAMS = ("BLOCK_D2", "BLOCK_H", "EVEN_D", "READ_INTERLEAVED", "WRITE_INTERLEAVED")
+CONSTEXPR_PARAMS = ("BLOCK_D2", "BLOCK_H", "EVEN_D", "READ_INTERLEAVED", "WRITE_INTERLEAVED", "NARROW_GRID")
 
 # What the launcher may promise in an aligned variant: every pointer but pos_ptr and offsets_ptr
 # is 16-byte aligned, and rotary_half, copy_end and every q/k/out/cos/sin stride is a multiple of
@@ -241,6 +240,7 @@ class Variant:
             "EVEN_D": self.even_d,
             "READ_INTERLEAVED": self.read_interleaved,
             "WRITE_INTERLEAVED": self.write_interleaved,
+            "NARROW_GRID": self.narrow,
         }
 
     def divisible_by_16(self) -> tuple[str, ...]:

@@ -69,21 +69,36 @@ def _load_index(ptr, i, is_int64):
 
 
 @triton.jit
-def _document_start(cu_ptr, s, n_docs, is_int64):
-    """Index of the last document starting at or before token s, and where it starts: the number
-    of starts <= s, minus one, counted CU_CHUNK starts at a time. Whatever cu_seqlens holds, the
-    index stays in [0, max(n_docs - 1, 0)] (cu_seqlens holds n_docs + 1 entries), so nothing is
-    read out of bounds."""
+def _load_index_where(ptr, i, is_int32, is_int64):
+    """Element i of an int32 or int64 tensor whose address is ptr (typed int32), as int64, read only
+    where is_int32 or is_int64 holds (0 elsewhere): predicated loads, no branch."""
+    wide = tl.load(ptr.to(tl.pointer_type(tl.int64)) + i, mask=is_int64, other=0)
+    narrow = tl.load(ptr + i, mask=is_int32, other=0).to(tl.int64)
+    return tl.where(is_int64, wide, narrow)
+
+
+@triton.jit
+def _packed_row(cu_ptr, offsets_ptr, s, n_docs, pos_kind, offsets_kind):
+    """Token s's table row in packed sequences: s minus the start of its document (the last one
+    starting at or before s, found by counting the starts <= s, CU_CHUNK at a time), plus that
+    document's offset where there are offsets. Without packed sequences the launcher passes
+    n_docs = 0, the count takes no step, nothing is read, and the row is s. Whatever cu_seqlens
+    holds, the document index stays in [0, max(n_docs - 1, 0)] (cu_seqlens holds n_docs + 1
+    entries), so nothing is read out of bounds."""
     count = 0
     for first in range(0, n_docs, CU_CHUNK):
         j = first + tl.arange(0, CU_CHUNK)
-        if is_int64:
+        if pos_kind == POS_CU_SEQLENS_INT64:
             starts = tl.load(cu_ptr.to(tl.pointer_type(tl.int64)) + j, mask=j < n_docs, other=2**62)
         else:
             starts = tl.load(cu_ptr + j, mask=j < n_docs, other=2**31 - 1).to(tl.int64)
         count += tl.sum((starts <= s).to(tl.int32), axis=0)
     doc = tl.maximum(tl.minimum(count - 1, n_docs - 1), 0)
-    return doc, _load_index(cu_ptr, doc, is_int64)
+    packed = pos_kind >= POS_CU_SEQLENS_INT32
+    start = _load_index_where(cu_ptr, doc, pos_kind == POS_CU_SEQLENS_INT32, pos_kind == POS_CU_SEQLENS_INT64)
+    offset = _load_index_where(offsets_ptr, doc, packed & (offsets_kind == POS_INT32),
+                               packed & (offsets_kind == POS_INT64))
+    return s - start + offset
 
 
 @triton.jit
@@ -114,6 +129,7 @@ def rope_qk_kernel(
     EVEN_D: tl.constexpr,  # rotary_half == BLOCK_D2: no rotated feature of a row is masked
     READ_INTERLEAVED: tl.constexpr,  # pairs (2i, 2i + 1) in q and k, else (i, i + rotary_half)
     WRITE_INTERLEAVED: tl.constexpr,  # the same for the outputs
+    NARROW_GRID: tl.constexpr,  # a variant for narrow (latency-bound) launches, else for wide ones
 ):
     if grid_order == GRID_HEADS_FASTEST:
         # (head blocks, seq_len, batch): neighbouring programs read neighbouring memory when a
@@ -165,15 +181,17 @@ def rope_qk_kernel(
         pair_mask = head_ok & d_ok[None, :]
         feature_mask = head_ok & (f < 2 * rotary_half)[None, :]
 
-    # Packed sequences: the token's document is searched before q/k are loaded; after the loads,
-    # the search slows head_dim 512 by a fifth and the other variants too (docs/performance.md).
-    if pos_kind >= POS_CU_SEQLENS_INT32:
-        doc, doc_start = _document_start(pos_ptr, s, n_docs, pos_kind == POS_CU_SEQLENS_INT64)
-        packed_row = s - doc_start
-        if offsets_kind != POS_NONE:
-            packed_row += _load_index(offsets_ptr, doc, offsets_kind == POS_INT64)
+    # Packed sequences: the token's document is searched before q/k are loaded (after the loads,
+    # the search slows head_dim 512 by a fifth). Narrow grids skip it with one branch where there
+    # are no packed sequences; on wide grids that branch costs 15 % (llama8b-train), and the
+    # search runs unbranched, taking no step (docs/performance.md).
+    if NARROW_GRID:
+        if pos_kind >= POS_CU_SEQLENS_INT32:
+            packed_row = _packed_row(pos_ptr, offsets_ptr, s, n_docs, pos_kind, offsets_kind)
+        else:
+            packed_row = s
     else:
-        packed_row = s
+        packed_row = _packed_row(pos_ptr, offsets_ptr, s, n_docs, pos_kind, offsets_kind)
 
     # q/k before the position: their addresses need no other load, so they are in flight while
     # the position and then its cos/sin row (a chain of dependent loads) arrive.

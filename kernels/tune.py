@@ -160,7 +160,7 @@ def launcher(kernel: Any, inputs: Inputs, q_out: torch.Tensor, k_out: torch.Tens
             0, 0,  # one table shared by every sequence
             pos_strides[0], pos_strides[1],
             BLOCK_D2=plan.block_d2, BLOCK_H=shape.block_h, EVEN_D=plan.even_d,
-            READ_INTERLEAVED=plan.read_interleaved, WRITE_INTERLEAVED=plan.write_interleaved,
+            READ_INTERLEAVED=plan.read_interleaved, WRITE_INTERLEAVED=plan.write_interleaved, NARROW_GRID=plan.narrow,
             num_warps=shape.num_warps)
 
     return call
