@@ -1,23 +1,23 @@
 #include "rope_inplace.h"
 
-#include <ATen/MemoryOverlap.h>
+#include "memory_footprint.h"
+
 #include <c10/util/Exception.h>
 
 namespace rope_kernels {
 namespace {
 
 void check_no_internal_overlap(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,
-              " has elements that share memory (a stride-0 dimension: strides ", t.sym_strides(),
-              "), so it cannot be rotated in place; pass ", name, ".clone() or use rope::fused_qk");
+  TORCH_CHECK(!may_overlap_itself(t), op, ": ", name, " has elements that share memory (sizes ", t.sym_sizes(),
+              ", strides ", t.sym_strides(), ": a stride-0 dimension, or strides that fold it onto itself), so it ",
+              "cannot be rotated in place; pass ", name, ".clone() or use rope::fused_qk");
 }
 
 void check_apart(const char* op, const char* written, const at::Tensor& a, const char* other_name,
                  const at::Tensor& b) {
-  const at::MemOverlapStatus status = at::get_overlap_status(a, b);
-  TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op, ": ",
-              written, " and ", other_name, " share memory, so rotating ", written,
-              " in place would change what is still to be read; pass copies (.clone())");
+  TORCH_CHECK(!may_share_memory(a, b), op, ": ", written, " and ", other_name,
+              " share memory (or may: no arrangement of their strides keeps their elements apart), so rotating ",
+              written, " in place could change what is still to be read; pass copies (.clone())");
 }
 
 }  // namespace

@@ -112,12 +112,40 @@ def q_overlaps_cos(device: str) -> RopeArgs:
     return args._replace(cos=cos, sin=cos.clone())
 
 
+def q_overlaps_k_with_gaps(device: str) -> RopeArgs:
+    # Two views of one buffer whose elements interleave with gaps and partly coincide: torch's
+    # own overlap check gives up on such a pair.
+    base = torch.randn(1, 2, 4, 16, device=device)
+    q, k = base[..., 0:8], base[:, :1, :, 4:12]
+    return RopeArgs(q, k, torch.rand(4, 4, device=device), torch.rand(4, 4, device=device), None)
+
+
+def q_folds_onto_itself(device: str) -> RopeArgs:
+    # No stride-0 dimension, yet each token's elements overlap the next token's.
+    q = torch.randn(64, device=device).as_strided((1, 1, 4, 8), (32, 32, 4, 1))
+    k = torch.randn(1, 1, 4, 8, device=device)
+    return RopeArgs(q, k, torch.rand(4, 4, device=device), torch.rand(4, 4, device=device), None)
+
+
+def k_overlaps_positions(device: str) -> RopeArgs:
+    # positions read from the same buffer as k, through an int32 view, on k's own elements.
+    buffer = torch.randn(4, 16, device=device)
+    k = buffer[:, :8].view(1, 1, 4, 8)
+    positions = buffer.view(torch.int32)[:, 3].view(1, 4)
+    positions.copy_(torch.arange(4, dtype=torch.int32, device=device).view(1, 4))
+    q = torch.randn(1, 2, 4, 8, device=device)
+    return RopeArgs(q, k, torch.rand(4, 4, device=device), torch.rand(4, 4, device=device), positions)
+
+
 REFUSALS = [
     ("leaf", leaf_q, r"a leaf Variable that requires grad is being used in an in-place operation"),
     ("view_of_leaf", view_of_leaf_q, r"a view of a leaf Variable that requires grad is being used in an in-place"),
     ("broadcast", broadcast_q, r"rope::fused_qk_: q has elements that share memory"),
     ("q_is_k", q_is_k, r"rope::fused_qk_: q and k share memory"),
     ("q_overlaps_cos", q_overlaps_cos, r"rope::fused_qk_: q and cos share memory"),
+    ("q_overlaps_k_with_gaps", q_overlaps_k_with_gaps, r"rope::fused_qk_: q and k share memory \(or may"),
+    ("q_folds_onto_itself", q_folds_onto_itself, r"rope::fused_qk_: q has elements that share memory"),
+    ("k_overlaps_positions", k_overlaps_positions, r"rope::fused_qk_: k and positions share memory"),
 ]
 
 
@@ -131,6 +159,30 @@ def test_refuses_what_torch_refuses(device: str, build: Callable[[str], RopeArgs
     # Refused before anything was written.
     for now, then in zip((args.q, args.k), before):
         torch.testing.assert_close(now.detach(), then, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_views_of_one_buffer_that_lie_apart_rotate_in_place(device: str) -> None:
+    # q, k, the positions and the tables all in one buffer, interleaved token by token, no
+    # element shared: a layout whose address ranges overlap, accepted because its elements
+    # provably lie apart.
+    seq, heads_q, heads_k, head_dim = 5, 2, 1, 8
+    row = (heads_q + heads_k) * head_dim + 1 + head_dim  # q, k, one position, cos and sin (D/2 each)
+    buffer = torch.randn(seq, row, device=device)
+    q = buffer[:, :heads_q * head_dim].view(seq, heads_q, head_dim).permute(1, 0, 2).unsqueeze(0)
+    k = buffer[:, heads_q * head_dim:(heads_q + heads_k) * head_dim].view(seq, heads_k, head_dim)
+    k = k.permute(1, 0, 2).unsqueeze(0)
+    start = (heads_q + heads_k) * head_dim
+    positions = buffer.view(torch.int32)[:, start].view(1, seq)
+    positions.copy_(torch.tensor([[3, 0, 4, 1, 2]], dtype=torch.int32, device=device))
+    cos = buffer[:, start + 1:start + 1 + head_dim // 2]
+    sin = buffer[:, start + 1 + head_dim // 2:]
+    expected = torch.ops.rope.fused_qk(q.clone(), k.clone(), cos.clone(), sin.clone(), positions.clone())
+    untouched = buffer[:, start:].clone()
+    INPLACE(q, k, cos, sin, positions)
+    torch.testing.assert_close(q, expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(k, expected[1], rtol=0, atol=0)
+    torch.testing.assert_close(buffer[:, start:], untouched, rtol=0, atol=0)
 
 
 def test_broadcast_is_refused_at_trace_time() -> None:

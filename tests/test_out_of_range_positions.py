@@ -67,3 +67,30 @@ def test_shared_positions(device: str) -> None:
     assert_nan_exactly_at(outputs, {(b, s) for b in range(CASE.batch) for s in (2, 6)})
     for out, ref in zip(outputs, reference_fused_qk(args)):
         assert_close_to_reference(out, ref, CASE.dtype)
+
+
+@pytest.mark.parametrize("table_shape", ["shared", "per_sequence"])
+@pytest.mark.parametrize("op_name", ["fused_qk", "fused_qk_backward", "fused_qk_"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_table(device: str, op_name: str, table_shape: str) -> None:
+    # With a table of no rows every position lies outside it: every token is NaN, on every device.
+    args = make_args(CASE, device)
+    half = CASE.head_dim // 2
+    shape = (0, half) if table_shape == "shared" else (CASE.batch, 0, half)
+    empty = torch.empty(shape, dtype=CASE.dtype, device=device)
+    positions = torch.randint(0, CASE.rows, (CASE.batch, CASE.seq), device=device)
+    q, k = args.q.detach().clone(), args.k.detach().clone()
+    outputs = getattr(torch.ops.rope, op_name)(q, k, empty, empty.clone(), positions)
+    assert_nan_exactly_at(outputs, {(b, s) for b in range(CASE.batch) for s in range(CASE.seq)})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_table_with_packed_sequences(device: str) -> None:
+    tokens, heads_q, heads_k, head_dim = 7, 4, 2, 32
+    q = torch.randn(tokens, heads_q, head_dim, device=device)
+    k = torch.randn(tokens, heads_k, head_dim, device=device)
+    empty = torch.empty(0, head_dim // 2, device=device)
+    cu_seqlens = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
+    q_out, k_out = torch.ops.rope.fused_qk(q, k, empty, empty.clone(), layout="thd", cu_seqlens=cu_seqlens)
+    assert q_out.shape == q.shape and k_out.shape == k.shape
+    assert q_out.isnan().all() and k_out.isnan().all()

@@ -39,6 +39,9 @@ std::tuple<at::Tensor, at::Tensor> gather_angles(const RopeInputs& in, const std
     const auto nan = std::numeric_limits<double>::quiet_NaN();
     // Row lookups on views of the tables: nothing beyond the B * S rows is read or copied.
     const auto pick = [&](const at::Tensor& table) {
+      if (rows_per_table == 0) {  // every position lies outside an empty table
+        return at::full({batch, seq, half}, nan, table.options());
+      }
       if (tables == 1) {
         return table.select(0, 0).index_select(0, rows.reshape({-1})).view({batch, seq, half});
       }

@@ -110,8 +110,9 @@ def fused_qk_(
     """``fused_qk`` written into q and k themselves; returns them (the same tensor objects).
 
     Same arguments and math as ``fused_qk``; features past ``rotary_dim`` are left as they are.
-    An in-place op like any of torch's: q and k must not share memory with each other or with the
-    tables, and, under autograd, must not be leaves that require grad; gradients flow through the
+    An in-place op like any of torch's: q and k must not share memory with each other, the tables
+    or the index tensors (views of one buffer pass where their elements provably lie apart, as
+    slices of one qkv projection do), and, under autograd, must not be leaves that require grad; gradients flow through the
     rotation to what q and k were computed from.
     """
     return torch.ops.rope.fused_qk_(q, k, cos, sin, positions, interleaved=interleaved,
