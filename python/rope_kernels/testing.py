@@ -317,6 +317,9 @@ def _gathered_angles(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         return t.expand(batch, *t.shape[-2:])[..., :half]
 
     cos_tables, sin_tables = tables(cos), tables(sin)
+    if cos_tables.shape[1] == 0:  # a table of no rows: every token lies outside it
+        nan_rows = torch.full((batch, 1, seq, half), math.nan, dtype=torch.float64)
+        return nan_rows, nan_rows.clone()
     if positions is None:
         rows = torch.arange(seq).expand(batch, seq)
     else:
