@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <c10/util/bit_cast.h>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -70,9 +71,16 @@ RowSource row_source(const RopeInputs& in, const std::optional<at::Tensor>& docu
   return source;
 }
 
-// A contiguous run of elements to the compute type and back. Plain loops, which the compiler
-// vectorizes for every dtype but float16: its conversions get the F16C instructions where the
-// processor has them (a runtime check, the library being built for any x86-64).
+// The hot loops are compiled twice, for any x86-64 and for AVX2, and the loader picks the one the
+// processor runs (GCC's target_clones).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ROPE_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define ROPE_CPU_CLONES
+#endif
+
+// A contiguous run of elements to the compute type and back: plain loops, which the compiler
+// vectorizes; bfloat16 and float16 get their own below.
 template <typename acc_t, typename scalar_t>
 void widen(const scalar_t* __restrict__ src, acc_t* __restrict__ dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
@@ -87,6 +95,27 @@ void narrow(const acc_t* __restrict__ src, scalar_t* __restrict__ dst, int64_t n
   }
 }
 
+// bfloat16: the upper half of a float32. Written as bit arithmetic (round to nearest even, NaN
+// kept a quiet NaN), which vectorizes where c10::BFloat16's conversion does not.
+template <>
+ROPE_CPU_CLONES void widen<float, c10::BFloat16>(const c10::BFloat16* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = c10::bit_cast<float>(static_cast<uint32_t>(src[i].x) << 16);
+  }
+}
+
+template <>
+ROPE_CPU_CLONES void narrow<c10::BFloat16, float>(const float* __restrict__ src, c10::BFloat16* __restrict__ dst, int64_t n) {
+  auto* bits_out = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = c10::bit_cast<uint32_t>(src[i]);
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    bits_out[i] = src[i] != src[i] ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+  }
+}
+
+// float16: the F16C instructions where the processor has them (a runtime check: the library is
+// built for any x86-64).
 #if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((target("avx,f16c"))) void widen_f16c(const c10::Half* __restrict__ src, float* __restrict__ dst,
                                                     int64_t n) {
@@ -138,7 +167,7 @@ void narrow<c10::Half, float>(const float* __restrict__ src, c10::Half* __restri
 // One head's rotated part, x (2 * half values in the compute type, as read), rotated into out in
 // the written convention: pairs (x[i], x[i + half]) or (x[2i], x[2i + 1]).
 template <typename acc_t>
-void rotate_pairs(const acc_t* __restrict__ x, acc_t* __restrict__ out, const acc_t* __restrict__ c,
+ROPE_CPU_CLONES void rotate_pairs(const acc_t* __restrict__ x, acc_t* __restrict__ out, const acc_t* __restrict__ c,
                   const acc_t* __restrict__ s, acc_t* __restrict__ split, int64_t half, bool read_interleaved,
                   bool write_interleaved) {
   const acc_t* x1 = x;
