@@ -244,37 +244,61 @@ void rotate_typed(const RopeInputs& in, const at::Tensor& q_out, const at::Tenso
   const acc_t sign = inverse ? acc_t(-1) : acc_t(1);
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
 
+  // Each task rotates blocks of kTokenBlock consecutive tokens of one sequence: the block's
+  // angles first, then every head vector of the block, in the order that follows memory (heads
+  // fastest where a token's heads lie together, (B, S, H, D); tokens fastest where each head's
+  // tokens do, (B, H, S, D)).
+  constexpr int64_t kTokenBlock = 16;
+  const int64_t blocks_per_sequence = (seq + kTokenBlock - 1) / kTokenBlock;
+  const int64_t per_block = kTokenBlock * (both[0].count + both[1].count) * head_dim;
   // Tasks of at least this many elements, so that threads are not woken for a few heads.
-  const int64_t per_token = (both[0].count + both[1].count) * head_dim;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(per_token, 1));
-  at::parallel_for(0, batch * seq, grain, [&](int64_t begin, int64_t end) {
-    // Per task: the token's angles, and one head's rotated part as read, split and rotated.
-    std::vector<acc_t> buffer(8 * half);
-    acc_t* c = buffer.data();
-    acc_t* sn = c + half;
-    acc_t* x = sn + half;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(per_block, 1));
+  at::parallel_for(0, batch * blocks_per_sequence, grain, [&](int64_t begin, int64_t end) {
+    // Per task: a block's angles, and one head's rotated part as read, split and rotated.
+    std::vector<acc_t> angles(2 * kTokenBlock * half);
+    std::vector<acc_t> work(6 * half);
+    acc_t* x = work.data();
     acc_t* split = x + 2 * half;
     acc_t* out = split + 2 * half;
-    for (int64_t token = begin; token < end; ++token) {
-      const int64_t b = token / seq;
-      const int64_t s = token - b * seq;
-      const int64_t row = rows.row(b, s);
-      // A position outside the table gives NaN (documented), as on CUDA.
-      if (row >= 0 && row < table_rows) {
-        load_angles(cos + b * cos_b + row * cos_row, sin + b * sin_b + row * sin_row, c, sn, half, sign);
-      } else {
-        std::fill(c, c + 2 * half, nan);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t b = block / blocks_per_sequence;
+      const int64_t first = (block - b * blocks_per_sequence) * kTokenBlock;
+      const int64_t tokens = std::min(kTokenBlock, seq - first);
+      for (int64_t t = 0; t < tokens; ++t) {
+        acc_t* c = angles.data() + 2 * t * half;
+        const int64_t row = rows.row(b, first + t);
+        // A position outside the table gives NaN (documented), as on CUDA.
+        if (row >= 0 && row < table_rows) {
+          load_angles(cos + b * cos_b + row * cos_row, sin + b * sin_b + row * sin_row, c, c + half, half, sign);
+        } else {
+          std::fill(c, c + 2 * half, nan);
+        }
       }
       for (const Heads<scalar_t>& heads : both) {
-        for (int64_t h = 0; h < heads.count; ++h) {
+        const auto rotate_one = [&](int64_t h, int64_t t) {
+          const int64_t s = first + t;
           const scalar_t* src = heads.src + b * heads.src_b + h * heads.src_h + s * heads.src_s;
           scalar_t* dst = heads.dst + b * heads.dst_b + h * heads.dst_h + s * heads.dst_s;
+          const acc_t* c = angles.data() + 2 * t * half;
           // The whole rotated part is read before any of it is written (in place).
           widen(src, x, 2 * half);
-          rotate_pairs(x, out, c, sn, split, half, read_interleaved, write_interleaved);
+          rotate_pairs(x, out, c, c + half, split, half, read_interleaved, write_interleaved);
           narrow(out, dst, 2 * half);
           if (heads.copy_rest) {
             std::copy(src + 2 * half, src + head_dim, dst + 2 * half);
+          }
+        };
+        if (heads.src_h <= heads.src_s) {
+          for (int64_t t = 0; t < tokens; ++t) {
+            for (int64_t h = 0; h < heads.count; ++h) {
+              rotate_one(h, t);
+            }
+          }
+        } else {
+          for (int64_t h = 0; h < heads.count; ++h) {
+            for (int64_t t = 0; t < tokens; ++t) {
+              rotate_one(h, t);
+            }
           }
         }
       }
