@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NoReturn, Optional, Tuple
 
 import torch
 
@@ -175,7 +175,7 @@ def check_dtensor_heads_from_projection(mesh: DeviceMesh, device: str, dtype: to
     torch.testing.assert_close(k_out.full_tensor(), expected[1], **tol)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None) -> NoReturn:
     group = process_group.start(__doc__, argv)
     mesh, device, world = group.mesh, group.device, group.world
 
@@ -202,10 +202,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     report(f"tensor-parallel attention ({world} ranks, heads split): ok")
     check_dtensor_heads_from_projection(mesh, device, model_dtype)
     report("column-parallel projections kept as DTensors, rotated without gathering: ok")
-    process_group.finish()
     report(f"DTensor checks on {world} x {device} ({group.backend}): all ok")
-    return 0
+    process_group.finish()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -209,7 +209,7 @@ def _check_layout_in_cache_key(mesh: DeviceMesh, device: str, dtype: torch.dtype
         assert_close_to_reference(out.full_tensor(), reference_rope(t, cos, sin, layout="bshd"), dtype)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None) -> NoReturn:
     group = process_group.start(__doc__, argv)
     mesh, device = group.mesh, group.device
     checks: List[Tuple[str, Callable[[torch.dtype], None]]] = [
@@ -232,8 +232,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if group.rank == 0:
             print(f"case {name}: " + ("; ".join(found) if found else "ok"), flush=True)
     process_group.finish()
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
