@@ -53,10 +53,11 @@ step "fresh environment with torch only"
 torch_version=$("$PYTHON" -c "import importlib.metadata as m; print(m.version('torch'))")
 "$PYTHON" -m venv "$work/venv"
 venv_python="$work/venv/bin/python"
-# The test suite's own needs come too: pytest, and transformers for the model-compatibility tests
-# (at the version requirements-dev.txt pins). Neither is a run-time dependency of the wheel.
+# The test suite's own needs come too: pytest, hypothesis (the property-based tests), and
+# transformers for the model-compatibility tests (at the version requirements-dev.txt pins). None
+# is a run-time dependency of the wheel.
 transformers_requirement=$(grep -E '^transformers' requirements-dev.txt)
-quietly "$venv_python" -m pip install "torch==$torch_version" pytest "$transformers_requirement"
+quietly "$venv_python" -m pip install "torch==$torch_version" pytest hypothesis "$transformers_requirement"
 # With its dependencies: the wheel's torch requirement must accept the torch that is there.
 quietly "$venv_python" -m pip install "$wheel"
 quietly "$venv_python" -m pip uninstall -y triton
