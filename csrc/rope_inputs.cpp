@@ -228,8 +228,13 @@ RopeInputs check_and_normalize(const char* op, const at::Tensor& q_in, const at:
   in.k = with_unit_last_stride(k);
   in.cos = with_unit_last_stride(cos3);
   in.sin = with_unit_last_stride(sin3);
-  in.cu_seqlens = options.cu_seqlens;
-  in.seqlen_offsets = options.seqlen_offsets;
+  // The kernels read these as consecutive elements: a strided view is copied (n + 1 values).
+  if (options.cu_seqlens.has_value()) {
+    in.cu_seqlens = options.cu_seqlens->contiguous();
+  }
+  if (options.seqlen_offsets.has_value()) {
+    in.seqlen_offsets = options.seqlen_offsets->contiguous();
+  }
   if (positions.has_value()) {
     check_positions(op, q, *positions);
     in.positions = positions->dim() == 1 ? positions->unsqueeze(0).expand_symint({q.sym_size(0), q.sym_size(2)})

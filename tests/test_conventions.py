@@ -497,3 +497,17 @@ def test_bad_option_is_refused(device: str, bad: BadOption, op: str) -> None:
     message = str(info.value)
     assert message.startswith(f"rope::{op}: "), message
     assert re.search(bad.problem, message), f"message does not say {bad.problem!r}: {message!r}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_index_tensors(device: str) -> None:
+    # cu_seqlens and seqlen_offsets as every-other-element views: read through their strides.
+    c = Convention(layout="thd", storage="dense", packed_by="cu_seqlens+offsets")
+    (q, k, cos, sin), kwargs = make_call(c, torch.float32, device)
+    for key in ("cu_seqlens", "seqlen_offsets"):
+        spread = torch.zeros(2 * kwargs[key].numel(), dtype=kwargs[key].dtype, device=device)
+        spread[::2] = kwargs[key]
+        kwargs[key] = spread[::2]
+    q_out, k_out = torch.ops.rope.fused_qk(q, k, cos, sin, **kwargs)
+    assert_close_to_reference(q_out, expected(q, cos, sin, kwargs), torch.float32)
+    assert_close_to_reference(k_out, expected(k, cos, sin, kwargs), torch.float32)
