@@ -482,6 +482,13 @@ def bad_option_params() -> List[Any]:
 @pytest.mark.parametrize("op", ["fused_qk", "fused_qk_backward", "fused_qk_"])
 @pytest.mark.parametrize(("device", "bad"), bad_option_params())
 def test_bad_option_is_refused(device: str, bad: BadOption, op: str) -> None:
+    message = bad_option_refusal(bad, device, op)
+    assert message.startswith(f"rope::{op}: "), message
+    assert re.search(bad.problem, message), f"message does not say {bad.problem!r}: {message!r}"
+
+
+def bad_option_refusal(bad: BadOption, device: str, op: str) -> str:
+    """The message of the RuntimeError the op raises for the bad option on device."""
     (q, k, cos, sin), kwargs = make_call(bad.convention, torch.float32, "cpu" if device == "meta" else device)
     for key, value in bad.change.items():
         if isinstance(value, str) and value.startswith("<"):
@@ -494,9 +501,7 @@ def test_bad_option_is_refused(device: str, bad: BadOption, op: str) -> None:
         kwargs = {key: v.to("meta") if isinstance(v, torch.Tensor) else v for key, v in kwargs.items()}
     with pytest.raises(RuntimeError) as info:
         getattr(torch.ops.rope, op)(q, k, cos, sin, **kwargs)
-    message = str(info.value)
-    assert message.startswith(f"rope::{op}: "), message
-    assert re.search(bad.problem, message), f"message does not say {bad.problem!r}: {message!r}"
+    return str(info.value)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -137,6 +137,13 @@ def bad_input_params() -> list[Any]:
 OPS = {"fused_qk": torch.ops.rope.fused_qk, "fused_qk_backward": torch.ops.rope.fused_qk_backward}
 
 
+def refusal(op_name: str, args: RopeArgs) -> str:
+    """The message of the RuntimeError the op raises for args."""
+    with pytest.raises(RuntimeError) as info:
+        OPS[op_name](*args)
+    return str(info.value)
+
+
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("op_name", list(OPS))
 @pytest.mark.parametrize(("device", "bad"), bad_input_params())
@@ -147,8 +154,6 @@ def test_bad_input_is_refused(device: str, bad: BadInput, op_name: str, requires
         if not (args.q.is_floating_point() and args.k.is_floating_point()):
             pytest.skip("integer tensors cannot require grad")
         args = args._replace(q=args.q.detach().requires_grad_(), k=args.k.detach().requires_grad_())
-    with pytest.raises(RuntimeError) as info:
-        OPS[op_name](*args)
-    message = str(info.value)
+    message = refusal(op_name, args)
     assert message.startswith(f"rope::{op_name}: "), f"message does not start with the op's name: {message!r}"
     assert re.search(bad.problem, message), f"message does not say {bad.problem!r}: {message!r}"
