@@ -27,8 +27,12 @@ from rope_kernels.testing import CheckResult  # noqa: E402
 # Host time of a call whose wall time is unknown: sizes the loop only.
 DEFAULT_ESTIMATE_US: float = 100.0
 
-# The record key (and profile figure) of the reference copy of q and k themselves.
+# The record keys (and profile figures) of the references beside the floor: q and k copied into
+# tensors allocated beforehand, and cloned (the copy into fresh tensors, as an out-of-place op
+# returns them: on the CPU the fresh memory's first touch costs as much as the copy itself).
 COPY_QK: str = "copy_qk"
+CLONE_QK: str = "clone_qk"
+REFERENCES: Tuple[Tuple[str, str], ...] = ((COPY_QK, "copy of q and k"), (CLONE_QK, "clone of q and k"))
 
 
 @dataclasses.dataclass
@@ -162,7 +166,8 @@ def measure_workload(workload: Workload, candidates: List[Tuple[Candidate, Optio
     q_source, k_source = pristine.q.detach(), pristine.k.detach()
     q_target, k_target = torch.empty_like(q_source), torch.empty_like(k_source)
     figures = [Figure("floor", lambda: target.copy_(source)),
-               Figure(COPY_QK, lambda: (q_target.copy_(q_source), k_target.copy_(k_source)))]
+               Figure(COPY_QK, lambda: (q_target.copy_(q_source), k_target.copy_(k_source))),
+               Figure(CLONE_QK, lambda: (q_source.clone(), k_source.clone()))]
 
     prepared: List[Prepared] = []
     for candidate, unavailable in candidates:
@@ -207,8 +212,9 @@ def measure_workload(workload: Workload, candidates: List[Tuple[Candidate, Optio
         wall[figure.key] = _safe(functools.partial(timer.wall_us, figure.fn))
     floor_kernel, floor_wall = _value(kernel.get("floor")), _value(wall["floor"])
     record["floor"] = figure_entry(kernel.get("floor"), wall["floor"], None, None, workload.bytes_moved)
-    record[COPY_QK] = figure_entry(kernel.get(COPY_QK), wall[COPY_QK], floor_kernel, floor_wall,
-                                   workload.bytes_moved)
+    for reference, _ in REFERENCES:
+        record[reference] = figure_entry(kernel.get(reference), wall[reference], floor_kernel, floor_wall,
+                                         workload.bytes_moved)
     for done in prepared:
         entry = record["candidates"][done.candidate.key]
         for direction in done.candidate.directions:

@@ -1,7 +1,8 @@
 """The results as tables (terminal and Markdown) and as JSON.
 
-Summary cells show "forward/backward" ratios to the copy floor, next to the ratio of a reference:
-torch copying q and k themselves ("q,k copy"). "n/a" marks a candidate that is
+Summary cells show "forward/backward" ratios to the copy floor, next to the ratios of two
+references: torch copying q and k themselves into tensors allocated beforehand ("q,k copy"), and
+cloning them ("q,k clone": into fresh tensors, as an out-of-place op returns them). "n/a" marks a candidate that is
 not available here or lacks a feature of the row (interleaved pairs, partial rotary, a head size;
 the JSON says which), "FAIL" one that failed the correctness check (never timed), "err" a figure
 that could not be taken (the JSON says why), "-" a figure that does not exist on this device or
@@ -14,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .measure import COPY_QK, DIRECTIONS
+from .measure import DIRECTIONS, REFERENCES
 
 STATUS_MARKS: Dict[str, str] = {"unavailable": "n/a", "failed check": "FAIL", "error": "err"}
 
@@ -79,10 +80,11 @@ def summary_tables(results: Dict[str, Any]) -> List[Dict[str, Any]]:
             if workload.get("skipped"):
                 continue
             floor = workload.get("floor", {}).get(time_kind + "_us")
-            copy_qk = (workload.get(COPY_QK) or {}).get(time_kind + "_x")
-            rows.append([workload["name"], _number(floor), _ratio(copy_qk)] +
+            references = [_ratio((workload.get(key) or {}).get(time_kind + "_x")) for key, _ in REFERENCES]
+            rows.append([workload["name"], _number(floor)] + references +
                         [_pair_cell(workload["candidates"].get(key, {}), time_kind + "_x") for key in keys])
-        tables.append({"title": title, "header": ["workload", "floor µs", "q,k copy"] + names, "rows": rows})
+        tables.append({"title": title, "header": ["workload", "floor µs", "q,k copy", "q,k clone"] + names,
+                       "rows": rows})
 
     rows = []
     for workload in results["workloads"]:
@@ -131,12 +133,13 @@ def detail_table(results: Dict[str, Any]) -> Dict[str, Any]:
                      "-" if floor.get("kernel_us") is None else "1.00", _number(floor.get("kernel_gbps"), 0),
                      _number(floor.get("wall_us")), "-" if floor.get("wall_us") is None else "1.00",
                      _number(floor.get("wall_gbps"), 0)])
-        copy_qk = workload.get(COPY_QK)
-        if copy_qk:
-            rows.append([workload["name"], "copy of q and k", "", _number(copy_qk.get("kernel_us")),
-                         _ratio(copy_qk.get("kernel_x")), _number(copy_qk.get("kernel_gbps"), 0),
-                         _number(copy_qk.get("wall_us")), _ratio(copy_qk.get("wall_x")),
-                         _number(copy_qk.get("wall_gbps"), 0)])
+        for reference, label in REFERENCES:
+            figures = workload.get(reference)
+            if figures:
+                rows.append([workload["name"], label, "", _number(figures.get("kernel_us")),
+                             _ratio(figures.get("kernel_x")), _number(figures.get("kernel_gbps"), 0),
+                             _number(figures.get("wall_us")), _ratio(figures.get("wall_x")),
+                             _number(figures.get("wall_gbps"), 0)])
         for key, entry in workload["candidates"].items():
             if entry.get("status") != "ok":
                 rows.append([workload["name"], entry.get("label", key), STATUS_MARKS.get(entry.get("status"), "-"),

@@ -525,9 +525,10 @@ def test_graph_table_shows_the_copy_next_to_the_candidates() -> None:
     assert len(graph[0]["rows"]) == 2  # decode rows only
 
 
-def test_time_tables_show_the_copy_of_q_and_k_after_the_floor() -> None:
-    # Torch copying q and k themselves is the like-for-like reference for what a candidate moves;
-    # its ratio sits between the floor and the candidates, in both time tables and the details.
+def test_time_tables_show_the_copy_and_clone_of_q_and_k_after_the_floor() -> None:
+    # Torch copying q and k themselves is the like-for-like reference for what a candidate moves,
+    # and cloning them for what an out-of-place candidate allocates; their ratios sit between the
+    # floor and the candidates, in both time tables and the details.
     from bench.report import detail_table, summary_tables
     ok = {"status": "ok", "forward": {"kernel_x": 1.031, "wall_x": 1.05}, "backward": {"kernel_x": 1.035, "wall_x": 2.0}}
     results = {
@@ -536,11 +537,13 @@ def test_time_tables_show_the_copy_of_q_and_k_after_the_floor() -> None:
         "workloads": [{"name": "llama8b-train", "decode": False,
                        "floor": {"kernel_us": 80.0, "wall_us": 85.0},
                        "copy_qk": {"kernel_us": 82.6, "kernel_x": 1.0325, "wall_us": 90.1, "wall_x": 1.06},
+                       "clone_qk": {"kernel_us": 83.0, "kernel_x": 1.0375, "wall_us": 170.0, "wall_x": 2.0},
                        "candidates": {"ours": ok}}],
     }
     kernel, wall = summary_tables(results)[:2]
-    assert kernel["header"][:4] == ["workload", "floor µs", "q,k copy", "rope_kernels"]
-    assert kernel["rows"][0] == ["llama8b-train", "80.0", "1.03", "1.03/1.03"]
-    assert wall["rows"][0][:4] == ["llama8b-train", "85.0", "1.06", "1.05/2.00"]
-    copy_rows = [row for row in detail_table(results)["rows"] if row[1] == "copy of q and k"]
-    assert copy_rows == [["llama8b-train", "copy of q and k", "", "82.6", "1.03", "-", "90.1", "1.06", "-"]]
+    assert kernel["header"][:5] == ["workload", "floor µs", "q,k copy", "q,k clone", "rope_kernels"]
+    assert kernel["rows"][0] == ["llama8b-train", "80.0", "1.03", "1.04", "1.03/1.03"]
+    assert wall["rows"][0][:5] == ["llama8b-train", "85.0", "1.06", "2.00", "1.05/2.00"]
+    copy_rows = [row for row in detail_table(results)["rows"] if row[1] in ("copy of q and k", "clone of q and k")]
+    assert copy_rows == [["llama8b-train", "copy of q and k", "", "82.6", "1.03", "-", "90.1", "1.06", "-"],
+                         ["llama8b-train", "clone of q and k", "", "83.0", "1.04", "-", "170.0", "2.00", "-"]]
