@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import sys
+import types
 from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
@@ -24,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import rope_kernels
 from hf_tiny_models import (VARIANTS, decode, float32_copy, packed_positions, padded_batch, positions_from_mask,
                             tiny_model, training_step)
-from rope_env import requires_cuda
+from rope_env import requires_cuda, run_fresh_python
 
 DEVICE_DTYPES = [
     pytest.param("cpu", torch.float32, id="cpu-fp32"),
@@ -162,15 +164,15 @@ def test_patched_attention_runs_the_fused_op(variant: str) -> None:
         assert counter.calls.count(torch.ops.rope.fused_qk.default) == (layers if patch else 0)
 
 
-def test_patch_all_and_undo() -> None:
-    from transformers.models.llama import modeling_llama
+FAMILIES = sorted({family for family, _ in VARIANTS.values()})
 
-    families = rope_kernels.transformers_patch.SUPPORTED_FAMILIES
-    originals = {f: _module_of(f).apply_rotary_pos_emb for f in families}
+
+def test_patch_all_and_undo() -> None:
+    originals = {f: _module_of(f).apply_rotary_pos_emb for f in FAMILIES}  # imported before the patch
     handle = rope_kernels.patch_transformers()
-    assert set(handle.modules) == {f"transformers.models.{f}.modeling_{f}" for f in families}
+    assert {f"transformers.models.{f}.modeling_{f}" for f in FAMILIES} <= set(handle.modules)
     assert rope_kernels.patched_modules() == tuple(sorted(handle.modules))
-    for family in families:
+    for family in FAMILIES:
         replaced = _module_of(family).apply_rotary_pos_emb
         assert replaced is not originals[family]
         # The replacement has the signature of the function it replaces (5.x: no position_ids).
@@ -180,37 +182,148 @@ def test_patch_all_and_undo() -> None:
         original_callable = original.forward if isinstance(original, torch.nn.Module) else original
         assert list(inspect.signature(replaced).parameters) == list(inspect.signature(original_callable).parameters)
     assert rope_kernels.patch_transformers().modules == handle.modules  # again: harmless
-    assert modeling_llama.apply_rotary_pos_emb is not originals["llama"]
     handle.undo()
-    for family in families:
+    for family in FAMILIES:
         assert _module_of(family).apply_rotary_pos_emb is originals[family]
     assert rope_kernels.patched_modules() == ()
 
 
-def test_patch_a_model_patches_its_family_only() -> None:
-    from transformers.models.llama import modeling_llama
-    from transformers.models.qwen2 import modeling_qwen2
+def test_modules_imported_after_the_patch_are_patched_as_they_load() -> None:
+    # In a fresh process: patch_transformers() imports no modeling module, patches those imported
+    # later as they load, and undo() stops that and restores them.
+    out = run_fresh_python(
+        "import sys, rope_kernels\n"
+        "handle = rope_kernels.patch_transformers()\n"
+        "print(sorted(m for m in sys.modules if m.startswith('transformers.models.') and '.modeling_' in m))\n"
+        "from transformers.models.qwen3 import modeling_qwen3\n"
+        "from transformers.models.cohere import modeling_cohere\n"
+        "print(handle.modules)\n"
+        "print([str(s) for s in handle.report if 'cohere' in s.module])\n"
+        "handle.undo()\n"
+        "from transformers.models.mistral import modeling_mistral\n"
+        "print(rope_kernels.patched_modules(), modeling_qwen3.apply_rotary_pos_emb.__module__)\n")
+    loaded_before, patched, cohere, after_undo = out.strip().splitlines()
+    assert loaded_before == "[]"
+    assert patched == "('transformers.models.qwen3.modeling_qwen3',)"
+    # Cohere rotates interleaved pairs: found to differ, left alone, with the reason.
+    assert "modeling_cohere: left alone: the op's result differs from its apply_rotary_pos_emb" in cohere
+    assert after_undo == "() transformers.models.qwen3.modeling_qwen3"
 
-    original_llama, original_qwen2 = modeling_llama.apply_rotary_pos_emb, modeling_qwen2.apply_rotary_pos_emb
-    model = tiny_model("llama", "cpu", torch.float32)
-    with rope_kernels.patch_transformers(model) as handle:
-        assert handle.modules == ("transformers.models.llama.modeling_llama",)
-        assert modeling_llama.apply_rotary_pos_emb is not original_llama
-        assert modeling_qwen2.apply_rotary_pos_emb is original_qwen2
-    assert modeling_llama.apply_rotary_pos_emb is original_llama
-    # A class, a family name, a module and a list name the same families.
-    assert rope_kernels.patch_transformers(type(model)).modules == handle.modules
-    assert rope_kernels.patch_transformers("Llama").modules == handle.modules
-    assert rope_kernels.patch_transformers(modeling_llama).modules == handle.modules
-    assert rope_kernels.patch_transformers(["llama", "qwen2", "llama"]).modules == (
-        "transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2")
+
+def test_dry_run_reports_every_modeling_module_and_changes_nothing() -> None:
+    handle = rope_kernels.patch_transformers(dry_run=True)
+    modules = [status.module for status in handle.report]
+    assert modules == rope_kernels.transformers_patch.all_modeling_modules()
+    assert rope_kernels.patched_modules() == ()
+    status = {s.module.split(".")[2]: s for s in handle.report}
+    for family in FAMILIES:
+        assert status[family].patched, status[family]
+    for family in ("cohere", "glm"):  # interleaved pairs
+        assert not status[family].patched and "differs" in status[family].reason
+    assert all(s.reason for s in handle.report)
+    handle.undo()  # a dry run has nothing to undo
+    assert rope_kernels.patched_modules() == ()
+
+
+def _fake_modeling_module(name: str, function: Callable[..., Any]) -> types.ModuleType:
+    module = types.ModuleType(f"transformers.models.{name}.modeling_{name}")
+    module.apply_rotary_pos_emb = function
+    sys.modules[module.__name__] = module
+    return module
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def llama_copy(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1) -> Any:
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def interleaved_copy(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     unsqueeze_dim: int = 1) -> Any:
+    cos = cos[..., : cos.shape[-1] // 2].repeat_interleave(2, dim=-1).unsqueeze(unsqueeze_dim)
+    sin = sin[..., : sin.shape[-1] // 2].repeat_interleave(2, dim=-1).unsqueeze(unsqueeze_dim)
+    return q * cos + _rotate_pairs(q) * sin, k * cos + _rotate_pairs(k) * sin
+
+
+def other_signature(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mrope_section: Any,
+                    unsqueeze_dim: int = 1) -> Any:
+    return llama_copy(q, k, cos, sin, unsqueeze_dim)
+
+
+def test_a_module_is_patched_by_what_its_function_computes() -> None:
+    # Modules of made-up families: the one with a copy of Llama's function is patched under any
+    # name; one with interleaved pairs, or with another signature, is left alone with the reason.
+    names = ["ropetest_llama_copy", "ropetest_interleaved", "ropetest_signature"]
+    try:
+        copy_module = _fake_modeling_module(names[0], llama_copy)
+        interleaved_module = _fake_modeling_module(names[1], interleaved_copy)
+        other_module = _fake_modeling_module(names[2], other_signature)
+        with rope_kernels.patch_transformers(copy_module) as handle:
+            assert handle.modules == (copy_module.__name__,)
+            assert copy_module.apply_rotary_pos_emb is not llama_copy
+            q, k = torch.randn(2, 4, 6, 16), torch.randn(2, 2, 6, 16)
+            angles = torch.rand(2, 6, 8) * 6
+            cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+            counter = OpCounter()
+            with counter:
+                got = copy_module.apply_rotary_pos_emb(q, k, cos, sin)
+            assert counter.calls.count(torch.ops.rope.fused_qk.default) == 1
+            for a, b in zip(got, llama_copy(q, k, cos, sin)):
+                torch.testing.assert_close(a, b)
+        assert copy_module.apply_rotary_pos_emb is llama_copy
+        with pytest.raises(ValueError, match=r"left alone: the op's result differs from its apply_rotary_pos_emb "
+                                             r"on the per-token \(B, H, S, D\) call"):
+            rope_kernels.patch_transformers(interleaved_module)
+        with pytest.raises(ValueError, match=r"does not have transformers' signature"):
+            rope_kernels.patch_transformers(other_module)
+        assert interleaved_module.apply_rotary_pos_emb is interleaved_copy
+        # patch_transformers() patches every loaded module that it proves, and only those.
+        handle = rope_kernels.patch_transformers()
+        assert copy_module.__name__ in handle.modules
+        assert interleaved_module.__name__ not in handle.modules and other_module.__name__ not in handle.modules
+        handle.undo()
+    finally:
+        for name in names:
+            sys.modules.pop(f"transformers.models.{name}.modeling_{name}", None)
+
+
+def test_inputs_the_op_does_not_serve_go_to_the_modules_own_function() -> None:
+    # A patched module falls back to the function it replaced, not to a formula of its own.
+    calls: List[str] = []
+
+    def counted(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1) -> Any:
+        calls.append("original")
+        return llama_copy(q, k, cos, sin, unsqueeze_dim)
+
+    module = _fake_modeling_module("ropetest_fallback", counted)
+    try:
+        with rope_kernels.patch_transformers(module):
+            calls.clear()
+            q, k = torch.randn(2, 4, 6, 16), torch.randn(2, 4, 6, 16)
+            angles = torch.rand(6, 16)
+            args = (q[:, :, :, None], k[:, :, :, None], angles.cos(), angles.sin())
+            out = module.apply_rotary_pos_emb(*args)
+            assert calls == ["original"]  # 5-D q: not the op's
+            assert all(torch.equal(a, b) for a, b in zip(out, llama_copy(*args)))
+    finally:
+        sys.modules.pop(module.__name__, None)
 
 
 def test_unsupported_targets_are_refused() -> None:
-    with pytest.raises(ValueError, match="'gpt2' is not a supported family"):
+    with pytest.raises(ValueError, match=r"'gpt2' has no layer whose RoPE the op computes .*defines no apply_rotary_pos_emb"):
         rope_kernels.patch_transformers("gpt2")
-    with pytest.raises(ValueError, match="Linear has no layer from a supported transformers family"):
+    with pytest.raises(ValueError, match="Linear has no layer whose RoPE the op computes"):
         rope_kernels.patch_transformers(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="the installed transformers has no family 'nosuchfamily'"):
+        rope_kernels.patch_transformers("nosuchfamily")
     with pytest.raises(TypeError, match="model_or_class must be"):
         rope_kernels.patch_transformers(3)
     assert rope_kernels.patched_modules() == ()

@@ -77,35 +77,33 @@ def _table_form(cos: torch.Tensor, batch: int, seq: int) -> bool:
     return True
 
 
-def apply_rotary_pos_emb(
+def fused_rotary_pos_emb(
     q: torch.Tensor,
     k: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     position_ids: Optional[torch.Tensor] = None,
     unsqueeze_dim: int = 1,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q and k as transformers' ``apply_rotary_pos_emb`` does, in one fused kernel.
-
-    q ``(batch, heads_q, seq, head_dim)`` and k ``(batch, heads_k, seq, head_dim)`` with
-    ``unsqueeze_dim=1`` (the default), or ``(batch, seq, heads, head_dim)`` with
-    ``unsqueeze_dim=2``. cos/sin: see the module documentation. Returns new tensors; differentiable
-    in q and k.
-    """
+    keep_dtype: bool = False,
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``apply_rotary_pos_emb``'s result from the fused op, or None for inputs the op does not
+    serve (see the module documentation). The result is in the dtype transformers' formula gives
+    (q's promoted with the tables'), or with ``keep_dtype`` in q's dtype, as the modeling modules
+    that cast their result back to q's dtype return it."""
     heads_first = unsqueeze_dim == 1 or unsqueeze_dim == -3
     if not heads_first and not (unsqueeze_dim == 2 or unsqueeze_dim == -2):
-        return rotate_by_formula(q, k, cos, sin, position_ids, unsqueeze_dim)
+        return None
     if q.dim() != 4 or k.dim() != 4:
-        return rotate_by_formula(q, k, cos, sin, position_ids, unsqueeze_dim)
+        return None
     # The op takes (batch, heads, seq, dim) ("bhsd") and (batch, seq, heads, dim) ("bshd") tensors
     # of any strides as they are, and returns results in the same shape.
     seq_dim = 2 if heads_first else 1
     batch, seq = q.size(0), q.size(seq_dim)
     width = cos.size(-1)
-    dtype = formula_dtype(q, cos, sin)
+    dtype = q.dtype if keep_dtype else formula_dtype(q, cos, sin)
     if width % 2 != 0 or width == 0 or width > q.size(-1) or not _table_form(cos, batch, seq) \
             or not op_takes(q, k, cos, sin, seq_dim, dtype):
-        return rotate_by_formula(q, k, cos, sin, position_ids, unsqueeze_dim)
+        return None
     q, k, cos, sin = in_dtype(q, k, cos, sin, dtype)
 
     # A per-token (batch or 1, seq, width) cos/sin is one table per sequence (or one for all), read
@@ -122,3 +120,24 @@ def apply_rotary_pos_emb(
         rotary_dim = width
     return torch.ops.rope.fused_qk(q, k, cos, sin, positions, rotary_dim=rotary_dim,
                                    layout="bhsd" if heads_first else "bshd")
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: Optional[torch.Tensor] = None,
+    unsqueeze_dim: int = 1,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k as transformers' ``apply_rotary_pos_emb`` does, in one fused kernel.
+
+    q ``(batch, heads_q, seq, head_dim)`` and k ``(batch, heads_k, seq, head_dim)`` with
+    ``unsqueeze_dim=1`` (the default), or ``(batch, seq, heads, head_dim)`` with
+    ``unsqueeze_dim=2``. cos/sin: see the module documentation. Returns new tensors; differentiable
+    in q and k.
+    """
+    fused = fused_rotary_pos_emb(q, k, cos, sin, position_ids, unsqueeze_dim)
+    if fused is None:
+        return rotate_by_formula(q, k, cos, sin, position_ids, unsqueeze_dim)
+    return fused

@@ -1,77 +1,104 @@
 """One line to make Hugging Face transformers' attention use the fused op: ``patch_transformers()``.
 
-The attention layers of Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2 and Phi-3 call the
-``apply_rotary_pos_emb`` of their modeling module, looking the name up in the module each time
-they run. Replacing that module attribute with ``rope_kernels.apply_rotary_pos_emb`` therefore
-switches every model of the family, already built or built later, and putting the original back
-undoes it exactly. Nothing else in transformers is touched, so weights, checkpoints, generation,
-training and ``torch.compile`` work as before.
+transformers' attention layers call the ``apply_rotary_pos_emb`` of their modeling module, looking
+the name up in the module each time they run. Replacing that module attribute therefore switches
+every model of the family, already built or built later, and putting the original back undoes it
+exactly. Nothing else in transformers is touched, so weights, checkpoints, generation, training
+and ``torch.compile`` work as before.
 
-transformers 4.x and 5.x differ in what they pass, and both are handled:
+Which modules are patched is found, not listed: a modeling module is patched when its
+``apply_rotary_pos_emb`` has transformers' signature and, on small random inputs at patch time,
+the op gives the function's own result, forward and backward, in every form the function is called
+with (per-token and shared angles, (B, H, S, D) and (B, S, H, D) tensors, a rotated width below
+head_dim, the result's dtype). A module whose function computes something else (interleaved pairs,
+another convention) is left alone, and the reason is reported (``TransformersPatch.report``,
+``patch_transformers(dry_run=True)``).
 
-- 4.3x passed a cos/sin table and ``position_ids``; 4.38 and later pass cos/sin already gathered
-  per token, with ``position_ids`` deprecated and then, in 5.x, dropped from the signature (the
-  fifth positional parameter is ``unsqueeze_dim`` there). The replacement installed in a module
-  has the signature of the function it replaces.
-- In 5.x the function may be a Kernel Hub hook (``use_kernel_forward_from_hub("rotary_pos_emb")``,
-  an ``nn.Module`` when the ``kernels`` package is installed) that ``kernelize()`` can point to a
-  hub kernel. A patched module calls the fused op whatever the hook was mapped to; undoing the
-  patch puts the hook back.
-
-Only those seven families are patched: other modeling files define functions of the same name with
-other conventions (interleaved pairs, partial rotation by a config factor), which this op must not
-silently replace.
+``patch_transformers()`` patches the modeling modules already imported and, through an import
+hook, each one imported later, as it is imported: importing every modeling module of transformers
+up front would take long. The replacement installed in a module has the signature of the function
+it replaces (transformers 4.x passed ``position_ids``; 5.x does not), and calls that function
+itself for inputs the op does not serve. In 5.x the function may be a Kernel Hub hook (an
+``nn.Module``); a patched module calls the fused op whatever the hook was mapped to, and undoing
+the patch puts the hook back.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import importlib.abc
+import importlib.machinery
 import inspect
+import math
+import re
 import sys
 import types
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .hf_compat import apply_rotary_pos_emb
-
-SUPPORTED_FAMILIES: Tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+from .hf_compat import fused_rotary_pos_emb
 
 _FUNCTION = "apply_rotary_pos_emb"
 _MODULE_PREFIX = "transformers.models."
+_MODELING = re.compile(r"^transformers\.models\.(\w+)\.modeling_\w+$")
+_REPLACED = "_rope_kernels_replaces"  # attribute of a replacement: the function it replaces
 
 # Modeling module name -> the object its apply_rotary_pos_emb held before it was patched.
 _originals: Dict[str, Any] = {}
 
 
-def _apply_rotary_pos_emb_v5(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    unsqueeze_dim: int = 1,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The replacement for transformers 5.x modules, whose function has no position_ids."""
-    return apply_rotary_pos_emb(q, k, cos, sin, None, unsqueeze_dim)
+@dataclasses.dataclass(frozen=True)
+class ModuleStatus:
+    """What the patch found in one modeling module."""
+
+    module: str
+    patched: bool  # patched, or (dry run) would be
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.module}: {'patched' if self.patched else 'left alone'}: {self.reason}"
 
 
-_REPLACEMENTS: Tuple[Callable[..., Any], ...] = (apply_rotary_pos_emb, _apply_rotary_pos_emb_v5)
+# Modeling module -> (the function it held when examined, its status, and where patched whether
+# the result keeps q's dtype).
+_examined: Dict[str, Tuple[Any, ModuleStatus, bool]] = {}
 
 
 class TransformersPatch:
     """What one ``patch_transformers`` call changed. ``undo()`` puts the originals back; used as a
-    context manager, the patch lasts for the ``with`` block."""
+    context manager, the patch lasts for the ``with`` block. ``report`` says, for every modeling
+    module the call examined, whether it was patched and why (or why not)."""
 
-    def __init__(self, module_names: List[str]) -> None:
-        self._module_names = list(module_names)
+    def __init__(self, report: Sequence[ModuleStatus], dry_run: bool = False, hooked: bool = False) -> None:
+        self._report = list(report)
+        self._dry_run = dry_run
+        self._hooked = hooked  # patch_transformers() of everything: modules patched on import belong to it
+
+    @property
+    def report(self) -> Tuple[ModuleStatus, ...]:
+        statuses = list(self._report)
+        if self._hooked:
+            seen = {status.module for status in statuses}
+            statuses += [entry[1] for name, entry in sorted(_examined.items())
+                         if name not in seen and name in _hooked_modules]
+        return tuple(statuses)
 
     @property
     def modules(self) -> Tuple[str, ...]:
-        """The modeling modules this call patched (or found already patched)."""
-        return tuple(self._module_names)
+        """The modeling modules this call patched (or found already patched; in a dry run, those it
+        would patch)."""
+        return tuple(status.module for status in self.report if status.patched)
 
     def undo(self) -> None:
         """Restore the original ``apply_rotary_pos_emb`` of every module this call patched."""
-        for name in self._module_names:
+        if self._dry_run:
+            return
+        names = self.modules
+        if self._hooked:
+            _remove_import_hook()
+        for name in names:
             _restore(name)
 
     def __enter__(self) -> "TransformersPatch":
@@ -81,31 +108,55 @@ class TransformersPatch:
         self.undo()
 
     def __repr__(self) -> str:
-        return f"TransformersPatch(modules={self._module_names!r})"
+        return f"TransformersPatch(modules={list(self.modules)!r})"
 
 
-def patch_transformers(model_or_class: Any = None) -> TransformersPatch:
+def patch_transformers(model_or_class: Any = None, *, dry_run: bool = False) -> TransformersPatch:
     """Make transformers' attention apply RoPE with ``torch.ops.rope.fused_qk``.
 
-    ``model_or_class`` says which families to patch:
+    ``model_or_class`` says which modeling modules to patch:
 
-    - ``None`` (the default): every supported family present in the installed transformers;
+    - ``None`` (the default): every one whose RoPE the op computes, those already imported now and
+      the others as they are imported;
     - a model (any ``nn.Module`` holding transformers attention layers, e.g. a ``PeftModel``), a
-      model or layer class, or a modeling module: the families it uses;
+      model or layer class, or a modeling module: the modules it uses;
     - a family name (``"llama"``) or a list of names.
 
-    The patch applies to the family's modeling module, so to every model of that family in the
-    process, as Liger-style patches do. Returns a handle whose ``undo()`` restores the originals
+    A module whose ``apply_rotary_pos_emb`` the op does not compute is left alone; a model, class,
+    module or family of which none is patched raises ``ValueError`` with the reason. With
+    ``dry_run``, nothing is changed and the handle's ``report`` says what would be patched, for the
+    default target over every modeling module of the installed transformers (which imports them
+    all: tens of seconds). The patch applies to the modeling module, so to every model of that
+    family in the process. Returns a handle whose ``undo()`` restores the originals
     (``unpatch_transformers()`` restores everything); patching twice is harmless.
     """
-    names = _modules_to_patch(model_or_class)
-    for name in names:
-        _install(name)
-    return TransformersPatch(names)
+    _import_transformers()
+    if model_or_class is None:
+        names = all_modeling_modules() if dry_run else _loaded_modeling_modules()
+        report = [_examine(name) for name in names]
+        report = [status for status in report if status is not None]
+        if not dry_run:
+            for status in report:
+                if status.patched:
+                    _install(status.module)
+            _add_import_hook()
+        return TransformersPatch(report, dry_run=dry_run, hooked=not dry_run)
+    names, what = _modules_of_target(model_or_class)
+    report = [status for status in (_examine(name) for name in names) if status is not None]
+    if not any(status.patched for status in report):
+        reasons = "; ".join(str(status) for status in report) or "it holds no transformers modeling module"
+        raise ValueError(f"rope_kernels.patch_transformers: {what} has no layer whose RoPE the op computes "
+                         f"({reasons})")
+    if not dry_run:
+        for status in report:
+            if status.patched:
+                _install(status.module)
+    return TransformersPatch(report, dry_run=dry_run)
 
 
 def unpatch_transformers() -> None:
-    """Restore every modeling module patched by ``patch_transformers``."""
+    """Restore every modeling module patched by ``patch_transformers`` and remove its import hook."""
+    _remove_import_hook()
     for name in list(_originals):
         _restore(name)
 
@@ -115,12 +166,24 @@ def patched_modules() -> Tuple[str, ...]:
     return tuple(sorted(_originals))
 
 
-def _family_module_name(family: str) -> str:
-    return f"{_MODULE_PREFIX}{family}.modeling_{family}"
+def all_modeling_modules() -> List[str]:
+    """Every modeling module of the installed transformers that defines ``apply_rotary_pos_emb``
+    (found in the sources, without importing anything)."""
+    _import_transformers()
+    root = Path(sys.modules["transformers"].__file__).parent / "models"
+    names = []
+    for path in sorted(root.glob("*/modeling_*.py")):
+        try:
+            source = path.read_text(encoding="utf-8")
+        except OSError:
+            continue
+        if re.search(rf"^def {_FUNCTION}\(", source, re.MULTILINE):
+            names.append(f"{_MODULE_PREFIX}{path.parent.name}.{path.stem}")
+    return names
 
 
-def _is_supported(module_name: str) -> bool:
-    return any(module_name == _family_module_name(family) for family in SUPPORTED_FAMILIES)
+# ----------------------------------------------------------------------------------------------
+# Which modules
 
 
 def _import_transformers() -> None:
@@ -131,89 +194,309 @@ def _import_transformers() -> None:
                           "(pip install transformers)") from e
 
 
-def _modules_to_patch(target: Any) -> List[str]:
-    _import_transformers()
-    if target is None:
-        present: List[str] = []
-        for family in SUPPORTED_FAMILIES:
-            try:
-                importlib.import_module(_family_module_name(family))
-            except ImportError:
-                continue  # a family this transformers release does not have (Qwen3 before 4.51)
-            present.append(_family_module_name(family))
-        return present
+def _loaded_modeling_modules() -> List[str]:
+    return sorted(name for name, module in list(sys.modules.items())
+                  if module is not None and _MODELING.match(name) and hasattr(module, _FUNCTION))
+
+
+def _modules_of_target(target: Any) -> Tuple[List[str], str]:
     if isinstance(target, str):
-        return [_module_for_family(target)]
+        return [_module_for_family(target)], repr(target)
     if isinstance(target, torch.nn.Module):
-        return _modules_of_model(target)
-    if isinstance(target, type):
-        return [_checked_module_name(target.__module__, f"class {target.__qualname__}")]
-    if isinstance(target, types.ModuleType):
-        return [_checked_module_name(target.__name__, f"module {target.__name__}")]
-    if isinstance(target, Iterable):
         names: List[str] = []
+        for layer in target.modules():
+            name = type(layer).__module__
+            if _MODELING.match(name) and name not in names:
+                names.append(name)
+        return names, type(target).__name__
+    if isinstance(target, type):
+        return [target.__module__], f"class {target.__qualname__}"
+    if isinstance(target, types.ModuleType):
+        return [target.__name__], f"module {target.__name__}"
+    if isinstance(target, Iterable):
+        names = []
         for item in target:
-            for name in _modules_to_patch(item):
+            for name in _modules_of_target(item)[0]:
                 if name not in names:
                     names.append(name)
-        return names
+        return names, repr(target)
     raise TypeError("rope_kernels.patch_transformers: model_or_class must be None, a model, a class, a "
                     f"modeling module, a family name or a list of them; got {type(target).__name__}")
 
 
 def _module_for_family(family: str) -> str:
-    name = family if family.startswith(_MODULE_PREFIX) else _family_module_name(family.lower())
-    if not _is_supported(name):
-        raise ValueError(f"rope_kernels.patch_transformers: {family!r} is not a supported family; "
-                         f"supported: {', '.join(SUPPORTED_FAMILIES)}")
+    if family.startswith(_MODULE_PREFIX):
+        return family
+    name = family.lower()
+    module = f"{_MODULE_PREFIX}{name}.modeling_{name}"
     try:
-        importlib.import_module(name)
+        importlib.import_module(module)
     except ImportError as e:
-        raise ValueError(f"rope_kernels.patch_transformers: the installed transformers has no {name}") from e
-    return name
+        raise ValueError(f"rope_kernels.patch_transformers: the installed transformers has no family "
+                         f"{family!r} (no {module})") from e
+    return module
 
 
-def _checked_module_name(module_name: str, what: str) -> str:
-    if not _is_supported(module_name):
-        raise ValueError(f"rope_kernels.patch_transformers: {what} is not from a supported family "
-                         f"({', '.join(SUPPORTED_FAMILIES)}); its module is {module_name}")
-    return module_name
+# ----------------------------------------------------------------------------------------------
+# The proof: the op gives the module's own function's result
 
 
-def _modules_of_model(model: torch.nn.Module) -> List[str]:
-    names: List[str] = []
-    for layer in model.modules():
-        name = type(layer).__module__
-        if _is_supported(name) and name not in names:
-            names.append(name)
-    if not names:
-        raise ValueError(f"rope_kernels.patch_transformers: {type(model).__name__} has no layer from a supported "
-                         f"transformers family ({', '.join(SUPPORTED_FAMILIES)})")
-    return names
+def _examine(module_name: str) -> Optional[ModuleStatus]:
+    """The status of one module (None for a module that is not a transformers modeling module)."""
+    if not _MODELING.match(module_name):
+        return None
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # noqa: BLE001  (a modeling module whose dependencies are missing)
+        return ModuleStatus(module_name, False, f"cannot be imported here ({type(error).__name__}: {error})")
+    current = getattr(module, _FUNCTION, None)
+    if current is None:
+        return ModuleStatus(module_name, False, f"defines no {_FUNCTION}")
+    original = getattr(current, _REPLACED, current)
+    cached = _examined.get(module_name)
+    if cached is not None and cached[0] is original:
+        return cached[1]
+    keep_dtype, reason = _prove(original)
+    status = ModuleStatus(module_name, keep_dtype is not None, reason)
+    _examined[module_name] = (original, status, bool(keep_dtype))
+    return status
 
 
-def _takes_position_ids(original: Any) -> bool:
-    """Whether the function being replaced has transformers 4.x's position_ids parameter."""
+_SIGNATURES = {("q", "k", "cos", "sin", "unsqueeze_dim"): False,  # transformers 5.x
+               ("q", "k", "cos", "sin", "position_ids", "unsqueeze_dim"): True}  # 4.x
+
+
+def _parameters(original: Any) -> Optional[Tuple[str, ...]]:
     # A Kernel Hub hook is an nn.Module whose forward carries the function's signature.
     target = original.forward if isinstance(original, torch.nn.Module) else original
     try:
-        return "position_ids" in inspect.signature(target).parameters
+        parameters = inspect.signature(target).parameters
     except (TypeError, ValueError):
-        major = int(sys.modules["transformers"].__version__.split(".")[0])
-        return major < 5
+        return None
+    names = tuple(parameters)
+    if names not in _SIGNATURES or parameters["unsqueeze_dim"].default != 1:
+        return None
+    if "position_ids" in parameters and parameters["position_ids"].default is not None:
+        return None
+    return names
+
+
+def _prove(original: Any) -> Tuple[Optional[bool], str]:
+    """(keep_dtype, why) where the op computes the function, (None, why not) otherwise."""
+    names = _parameters(original)
+    if names is None:
+        return None, (f"its {_FUNCTION} does not have transformers' signature "
+                      "(q, k, cos, sin[, position_ids=None], unsqueeze_dim=1)")
+    takes_position_ids = _SIGNATURES[names]
+    cases = _proof_cases(takes_position_ids)
+    try:
+        out_dtype = original(*cases["bfloat16-q-and-float32-angles"].args())[0].dtype
+    except Exception as error:  # noqa: BLE001
+        return None, f"its {_FUNCTION} raised on a (B, H, S, D) call ({type(error).__name__}: {error})"
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        return None, f"its {_FUNCTION} returns {out_dtype} for bfloat16 q and float32 cos/sin"
+    keep_dtype = out_dtype == torch.bfloat16
+    replacement = _replacement(original, takes_position_ids, keep_dtype)
+    for name, case in cases.items():
+        try:
+            expected = _forward_and_grads(original, case)
+        except Exception as error:  # noqa: BLE001
+            if case.optional:
+                continue  # a form the function does not take: the model never passes it
+            return None, f"its {_FUNCTION} raised on the {name} call ({type(error).__name__}: {error})"
+        if fused_rotary_pos_emb(*case.fused_args(), keep_dtype=keep_dtype) is None:
+            return None, f"the op does not serve its {name} call"
+        got = _forward_and_grads(replacement, case)
+        problem = _difference(got, expected, case)
+        if problem is not None:
+            return None, f"the op's result differs from its {_FUNCTION} on the {name} call ({problem})"
+    return keep_dtype, ("the op computes its " + _FUNCTION + ", forward and backward"
+                        + (" (result in q's dtype)" if keep_dtype else ""))
+
+
+@dataclasses.dataclass
+class _Case:
+    q: torch.Tensor
+    k: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    extra: Tuple[Any, ...]  # the arguments after sin, in the function's order
+    optional: bool = False  # a form the function may refuse
+    unsqueeze_dim: int = 1
+    position_ids: Optional[torch.Tensor] = None
+
+    def args(self, q: Optional[torch.Tensor] = None, k: Optional[torch.Tensor] = None) -> Tuple[Any, ...]:
+        return (self.q if q is None else q, self.k if k is None else k, self.cos, self.sin) + self.extra
+
+    def fused_args(self) -> Tuple[Any, ...]:
+        return (self.q, self.k, self.cos, self.sin, self.position_ids, self.unsqueeze_dim)
+
+
+def _angles(rows: int, width: int, generator: torch.Generator, dtype: torch.dtype
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    # transformers' full-width tables: the angles of width/2 pairs, twice.
+    half = torch.rand(rows, width // 2, generator=generator, dtype=torch.float64) * 2 * math.pi
+    angles = torch.cat([half, half], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _proof_cases(takes_position_ids: bool) -> Dict[str, _Case]:
+    """Small random calls in each form transformers' models make, float64 (exact) but one."""
+    g = torch.Generator().manual_seed(0)
+    batch, heads_q, heads_k, seq, head_dim = 2, 3, 1, 5, 8
+
+    def normal(*shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    def per_token(rows: int, width: int, dtype: torch.dtype = torch.float64) -> Tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = _angles(rows * seq, width, g, dtype)
+        return cos.view(rows, seq, width), sin.view(rows, seq, width)
+
+    def extra(unsqueeze_dim: int = 1, position_ids: Optional[torch.Tensor] = None) -> Tuple[Any, ...]:
+        return (position_ids, unsqueeze_dim) if takes_position_ids else (unsqueeze_dim,)
+
+    cases: Dict[str, _Case] = {}
+    cos, sin = per_token(batch, head_dim)
+    cases["per-token (B, H, S, D)"] = _Case(normal(batch, heads_q, seq, head_dim), normal(batch, heads_k, seq, head_dim),
+                                            cos, sin, extra())
+    cos, sin = per_token(1, head_dim)
+    cases["shared-angles"] = _Case(normal(batch, heads_q, seq, head_dim), normal(batch, heads_k, seq, head_dim),
+                                   cos, sin, extra())
+    cos, sin = per_token(batch, head_dim)
+    cases["(B, S, H, D)"] = _Case(normal(batch, seq, heads_q, head_dim), normal(batch, seq, heads_k, head_dim),
+                                  cos, sin, extra(2), optional=True, unsqueeze_dim=2)
+    cos, sin = per_token(batch, head_dim // 2)
+    cases["partial-rotary"] = _Case(normal(batch, heads_q, seq, head_dim), normal(batch, heads_k, seq, head_dim),
+                                    cos, sin, extra(), optional=True)
+    cos, sin = per_token(batch, head_dim, torch.float32)
+    cases["bfloat16-q-and-float32-angles"] = _Case(normal(batch, heads_q, seq, head_dim, dtype=torch.bfloat16),
+                                                   normal(batch, heads_k, seq, head_dim, dtype=torch.bfloat16),
+                                                   cos, sin, extra())
+    if takes_position_ids:
+        cos, sin = _angles(seq + 3, head_dim, g, torch.float64)
+        positions = torch.randint(0, seq + 3, (batch, seq), generator=g)
+        cases["table-and-position_ids"] = _Case(normal(batch, heads_q, seq, head_dim),
+                                                normal(batch, heads_k, seq, head_dim), cos, sin,
+                                                extra(position_ids=positions), optional=True, position_ids=positions)
+    return cases
+
+
+def _forward_and_grads(fn: Callable[..., Any], case: _Case) -> List[torch.Tensor]:
+    q = case.q.detach().clone().requires_grad_()
+    k = case.k.detach().clone().requires_grad_()
+    q_out, k_out = fn(*case.args(q, k))
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for t in (q_out, k_out)]
+    loss = (q_out * weights[0]).sum() + (k_out * weights[1]).sum()
+    grad_q, grad_k = torch.autograd.grad(loss, (q, k))
+    return [q_out.detach(), k_out.detach(), grad_q, grad_k]
+
+
+def _difference(got: List[torch.Tensor], expected: List[torch.Tensor], case: _Case) -> Optional[str]:
+    exact = case.q.dtype == torch.float64
+    for what, a, b in zip(("q", "k", "q's gradient", "k's gradient"), got, expected):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return f"{what}: {a.dtype} {tuple(a.shape)} against {b.dtype} {tuple(b.shape)}"
+        # float64 inputs: float32 rounding apart at most (some functions compute in float32; another
+        # convention is off by the size of the values). Otherwise a few roundings of bfloat16 apart.
+        rtol, atol = (1e-5, 1e-6) if exact else (2.0**-6, 2.0**-6)
+        if not torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol):
+            return f"{what} off by up to {float((a.double() - b.double()).abs().max()):.3g}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Installing and restoring
+
+
+def _replacement(original: Any, takes_position_ids: bool, keep_dtype: bool) -> Callable[..., Any]:
+    """The function installed in a module: the op where it serves the inputs, the original else."""
+    if takes_position_ids:
+        def replacement(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        position_ids: Optional[torch.Tensor] = None, unsqueeze_dim: int = 1
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+            fused = fused_rotary_pos_emb(q, k, cos, sin, position_ids, unsqueeze_dim, keep_dtype)
+            return original(q, k, cos, sin, position_ids, unsqueeze_dim) if fused is None else fused
+    else:
+        def replacement(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,  # type: ignore[misc]
+                        unsqueeze_dim: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+            fused = fused_rotary_pos_emb(q, k, cos, sin, None, unsqueeze_dim, keep_dtype)
+            return original(q, k, cos, sin, unsqueeze_dim) if fused is None else fused
+    replacement.__doc__ = f"transformers' {_FUNCTION}, computed by torch.ops.rope.fused_qk (rope_kernels)."
+    setattr(replacement, _REPLACED, original)
+    return replacement
 
 
 def _install(module_name: str) -> None:
-    module = importlib.import_module(module_name)
+    module = sys.modules[module_name]
     current = getattr(module, _FUNCTION)
-    if any(current is replacement for replacement in _REPLACEMENTS):
+    if hasattr(current, _REPLACED):
         return  # already patched
-    replacement = apply_rotary_pos_emb if _takes_position_ids(current) else _apply_rotary_pos_emb_v5
+    names = _parameters(current)
+    _, status, keep_dtype = _examined[module_name]
+    assert names is not None and status.patched
     _originals[module_name] = current
-    setattr(module, _FUNCTION, replacement)
+    setattr(module, _FUNCTION, _replacement(current, _SIGNATURES[names], keep_dtype))
 
 
 def _restore(module_name: str) -> None:
     original: Optional[Any] = _originals.pop(module_name, None)
     if original is not None:
         setattr(sys.modules[module_name], _FUNCTION, original)
+
+
+# ----------------------------------------------------------------------------------------------
+# The import hook: modeling modules imported after patch_transformers() are patched as they load
+
+_hooked_modules: List[str] = []  # the modules the hook examined (patched or left alone)
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """Runs a modeling module's own loader, then patches the module if the op computes its RoPE."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Optional[types.ModuleType]:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self._loader.exec_module(module)
+        if _hook in sys.meta_path and hasattr(module, _FUNCTION):
+            status = _examine(module.__name__)
+            if status is not None:
+                _hooked_modules.append(module.__name__)
+                if status.patched:
+                    _install(module.__name__)
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_filename, is_package, ...
+        return getattr(self._loader, name)
+
+
+class _ModelingImportHook(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Optional[importlib.machinery.ModuleSpec]:
+        if not _MODELING.match(fullname):
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _PatchingLoader(spec.loader)
+                return spec
+        return None
+
+
+_hook = _ModelingImportHook()
+
+
+def _add_import_hook() -> None:
+    if _hook not in sys.meta_path:
+        sys.meta_path.insert(0, _hook)
+
+
+def _remove_import_hook() -> None:
+    while _hook in sys.meta_path:
+        sys.meta_path.remove(_hook)
+    _hooked_modules.clear()
