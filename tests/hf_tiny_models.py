@@ -8,10 +8,13 @@ matter, and a broken rotation would go unnoticed (test_rope_matters checks that 
 from __future__ import annotations
 
 import copy
+import importlib
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 # Model variants: one per family, and Phi-3 with a partial rotary factor of 1/2, whose rotated
 # width (head_dim / 2) must not be mistaken for a half-width table.
@@ -29,6 +32,78 @@ VARIANTS: Dict[str, Tuple[str, Dict[str, Any]]] = {
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=128, initializer_range=0.2,
             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+# Sizes of every family's tiny model, by the names configs give them (each set where the family's
+# config has it): the common ones above, those of mixtures of experts, multi-head latent attention
+# (its rotated part as wide as head_dim) and state-space layers; and the choice of RoPE.
+FAMILY_SIZES: Dict[str, Any] = dict(
+    TINY, moe_intermediate_size=32, shared_expert_intermediate_size=32, moe_shared_expert_intermediate_size=32, expert_intermediate_size=32,
+    num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+    first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16,
+    v_head_dim=16, n_group=1, topk_group=1, num_kv_heads=2, ffn_hidden_size=128, sliding_window=64,
+    attention_chunk_size=64, mamba_d_state=8, mamba_n_heads=8, mamba_d_head=16, mamba_headdim=16,
+    mamba_d_conv=4, mamba_expand=2, mamba_n_groups=1,
+    # The RoPE of apply_rotary_pos_emb where a family has others: half-split pairs in DeepSeek-V3's
+    # attention (its interleaved weights take another function), rotary positions in Granite 4's.
+    rope_interleave=False, position_embedding_type="rope")
+# What a family needs beyond that, by model type.
+FAMILY_OVERRIDES: Dict[str, Dict[str, Any]] = {
+    "bamba": {"attn_layer_indices": [1]},
+    "dbrx": {"d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 128,
+             "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+             "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}},
+    "granitemoehybrid": {"layer_types": ["mamba", "attention"], "num_hidden_layers": 2},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_hidden_layers": 2},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
+    "zaya": {"num_experts_per_tok": 1},
+}
+
+
+def _shrunk(config_class: Any, overrides: Dict[str, Any]) -> Any:
+    defaults = config_class()
+    values = defaults.to_dict()
+    sizes = {key: value for key, value in FAMILY_SIZES.items() if key in values}
+    if "kv_lora_rank" in values:  # multi-head latent attention: as many k heads as q heads
+        sizes["num_key_value_heads"] = sizes.get("num_attention_heads", 4)
+    if "mamba_d_ssm" in values:
+        sizes["mamba_d_ssm"] = FAMILY_SIZES["mamba_n_heads"] * FAMILY_SIZES["mamba_d_head"]
+    for key, value in vars(defaults).items():  # the text, vision, audio parts of a composite model
+        if hasattr(value, "to_dict") and hasattr(type(value), "model_type"):
+            sizes[key] = _shrunk(type(value), {})
+    sizes.update(overrides)
+    # One layer of each kind the family mixes (attention and linear attention, sliding and full).
+    kinds = getattr(defaults, "layer_types", None)
+    if isinstance(kinds, list) and kinds and "layer_types" not in overrides:
+        kinds = list(dict.fromkeys(kinds))
+        kinds = kinds if len(kinds) > 1 else kinds * 2
+        try:
+            return config_class(**dict(sizes, layer_types=kinds, num_hidden_layers=len(kinds)))
+        except (TypeError, ValueError, AttributeError):
+            pass  # a family whose layer kinds follow from other settings
+    return config_class(**sizes)
+
+
+def tiny_config(model_type: str) -> Any:
+    """The config of a tiny model of any family: the family's defaults with every size set small."""
+    return _shrunk(CONFIG_MAPPING[model_type], FAMILY_OVERRIDES.get(model_type, {}))
+
+
+def causal_lm_types(module_name: str) -> List[str]:
+    """The model types whose causal-LM class is defined in a modeling module, a text-only one
+    first (the smallest model of the family)."""
+    module = importlib.import_module(module_name)
+    types = [model_type for model_type, class_name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()
+             if getattr(getattr(module, class_name, None), "__module__", None) == module_name]
+    return sorted(types, key=lambda t: (not t.endswith("_text"), t))
+
+
+def tiny_family_model(model_type: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A tiny random causal LM of the family (seeded: the same weights every time), in eval mode."""
+    torch.manual_seed(1234)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type), attn_implementation="eager")
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def tiny_model(variant: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -106,3 +181,34 @@ def decode(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps:
                         past_key_values=out.past_key_values, use_cache=True)
             logits.append(out.logits[:, -1])
     return torch.stack(logits, dim=1), torch.stack(fed, dim=1)
+
+
+def assert_matches_unpatched(patched: torch.Tensor, unpatched: torch.Tensor, reference: torch.Tensor,
+                             what: str) -> None:
+    """float32: patched equals unpatched to float32 rounding. 16-bit: patched is about as close to
+    the float32 reference as unpatched is (within a factor 3, plus half a unit of the dtype)."""
+    assert patched.shape == unpatched.shape and patched.dtype == unpatched.dtype, what
+    assert torch.isfinite(patched).all(), f"{what}: non-finite values"
+    scale = float(unpatched.abs().max())
+    if patched.dtype == torch.float32:
+        torch.testing.assert_close(patched, unpatched, rtol=1e-5, atol=1e-5 * scale, msg=what)
+        return
+    # Distances as norms over the whole tensor: the largest element of bfloat16 noise varies too
+    # much between two runs (a bias gradient summed over every token is mostly noise).
+    unit = 2.0**-8 if patched.dtype == torch.bfloat16 else 2.0**-11
+    error_patched = float((patched.float() - reference.float()).norm())
+    error_unpatched = float((unpatched.float() - reference.float()).norm())
+    assert error_patched <= 3 * error_unpatched + unit / 2 * float(reference.float().norm()), (
+        f"{what}: patched is {error_patched:.3g} from the float32 run, transformers' own {error_unpatched:.3g}")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ops that reach the dispatcher below autograd."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: List[Any] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))

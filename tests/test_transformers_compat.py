@@ -21,11 +21,10 @@ from typing import Any, Callable, Dict, Iterator, List
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import rope_kernels
-from hf_tiny_models import (VARIANTS, decode, float32_copy, packed_positions, padded_batch, positions_from_mask,
-                            tiny_model, training_step)
+from hf_tiny_models import (VARIANTS, OpCounter, assert_matches_unpatched, decode, float32_copy, packed_positions,
+                            padded_batch, positions_from_mask, tiny_model, training_step)
 from rope_env import requires_cuda, run_fresh_python
 
 DEVICE_DTYPES = [
@@ -44,25 +43,6 @@ def unpatched_afterwards() -> Iterator[None]:
 
 def modeling_module(model: torch.nn.Module) -> Any:
     return inspect.getmodule(type(model))
-
-
-def assert_matches_unpatched(patched: torch.Tensor, unpatched: torch.Tensor, reference: torch.Tensor,
-                             what: str) -> None:
-    """float32: patched equals unpatched to float32 rounding. 16-bit: patched is about as close to
-    the float32 reference as unpatched is (within a factor 3, plus half a unit of the dtype)."""
-    assert patched.shape == unpatched.shape and patched.dtype == unpatched.dtype, what
-    assert torch.isfinite(patched).all(), f"{what}: non-finite values"
-    scale = float(unpatched.abs().max())
-    if patched.dtype == torch.float32:
-        torch.testing.assert_close(patched, unpatched, rtol=1e-5, atol=1e-5 * scale, msg=what)
-        return
-    # Distances as norms over the whole tensor: the largest element of bfloat16 noise varies too
-    # much between two runs (a bias gradient summed over every token is mostly noise).
-    unit = 2.0**-8 if patched.dtype == torch.bfloat16 else 2.0**-11
-    error_patched = float((patched.float() - reference.float()).norm())
-    error_unpatched = float((unpatched.float() - reference.float()).norm())
-    assert error_patched <= 3 * error_unpatched + unit / 2 * float(reference.float().norm()), (
-        f"{what}: patched is {error_patched:.3g} from the float32 run, transformers' own {error_unpatched:.3g}")
 
 
 def run_patched(model: torch.nn.Module, fn: Callable[[], Any]) -> Any:
@@ -138,18 +118,6 @@ def test_rope_matters(variant: str) -> None:
         module.apply_rotary_pos_emb = original
     real = mask.bool()
     assert float((without_rope - logits)[real].abs().max()) > 0.1 * float(logits.abs().max())
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the ops that reach the dispatcher below autograd."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: List[Any] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.calls.append(func)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

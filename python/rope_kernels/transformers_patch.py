@@ -252,6 +252,8 @@ def _examine(module_name: str) -> Optional[ModuleStatus]:
     current = getattr(module, _FUNCTION, None)
     if current is None:
         return ModuleStatus(module_name, False, f"defines no {_FUNCTION}")
+    if not _calls_the_function(module):
+        return ModuleStatus(module_name, False, f"defines {_FUNCTION} but never calls it (its attention has no RoPE)")
     original = getattr(current, _REPLACED, current)
     cached = _examined.get(module_name)
     if cached is not None and cached[0] is original:
@@ -260,6 +262,16 @@ def _examine(module_name: str) -> Optional[ModuleStatus]:
     status = ModuleStatus(module_name, keep_dtype is not None, reason)
     _examined[module_name] = (original, status, bool(keep_dtype))
     return status
+
+
+def _calls_the_function(module: types.ModuleType) -> bool:
+    """Whether the module's source calls the function anywhere but in its definition (some
+    modules keep a copy their layers never call). True where the source cannot be read."""
+    try:
+        source = inspect.getsource(module)
+    except (OSError, TypeError):
+        return True
+    return re.search(rf"(?<!def ){_FUNCTION}\(", source) is not None
 
 
 _SIGNATURES = {("q", "k", "cos", "sin", "unsqueeze_dim"): False,  # transformers 5.x
