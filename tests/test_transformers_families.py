@@ -11,6 +11,7 @@ assert_matches_unpatched).
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 import pytest
@@ -107,3 +108,16 @@ def test_patched_attention_runs_the_fused_op(model_type: str) -> None:
             model(input_ids=ids, attention_mask=mask)
         counts.append(counter.calls.count(torch.ops.rope.fused_qk.default))
     assert counts[0] == 0 and counts[1] >= 1, counts
+
+
+def test_the_families_page_is_the_installed_transformers_table() -> None:
+    # docs/transformers-families.md is the command's output for the transformers CI installs.
+    import transformers
+
+    from rope_env import TESTS_DIR
+    from rope_kernels.transformers_families import families_table
+
+    page = (Path(TESTS_DIR).parent / "docs" / "transformers-families.md").read_text()
+    if f"transformers {transformers.__version__} " not in page:
+        pytest.skip(f"the page is for another transformers release than {transformers.__version__}")
+    assert page == families_table(), "regenerate it: python -m rope_kernels.transformers_families"
