@@ -7,9 +7,10 @@ matter, and a broken rotation would go unnoticed (test_rope_matters checks that 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -106,6 +107,36 @@ def tiny_family_model(model_type: str, device: str, dtype: torch.dtype) -> torch
     return model.to(device=device, dtype=dtype).eval()
 
 
+def float32_twin(model: torch.nn.Module, model_type: str) -> torch.nn.Module:
+    """A float32 model of the family with the same (rounded) weights as `model`."""
+    twin = tiny_family_model(model_type, str(next(model.parameters()).device), torch.float32)
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+@contextlib.contextmanager
+def rope_rounded_once(module_name: str) -> Iterator[None]:
+    """The module's own apply_rotary_pos_emb computed in float32 and rounded once to the dtype it
+    returns: what a fused kernel computes, by the module's own formula. In 16-bit models it is the
+    baseline of the patched model (the formula's three roundings move some results of a tiny model
+    more than a fused kernel's one does, or less)."""
+    module = importlib.import_module(module_name)
+    original = module.apply_rotary_pos_emb
+
+    def rounded_once(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *args: Any,
+                     **kwargs: Any) -> Any:
+        with torch.no_grad():
+            dtypes = [t.dtype for t in original(q, k, cos, sin, *args, **kwargs)]
+        wide = original(q.float(), k.float(), cos.float(), sin.float(), *args, **kwargs)
+        return tuple(t.to(dtype) for t, dtype in zip(wide, dtypes))
+
+    module.apply_rotary_pos_emb = rounded_once
+    try:
+        yield
+    finally:
+        module.apply_rotary_pos_emb = original
+
+
 def tiny_model(variant: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
     """The same weights for a variant every time (seeded), in eval mode (no dropout anyway)."""
     family, extra = VARIANTS[variant]
@@ -184,18 +215,21 @@ def decode(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps:
 
 
 def assert_matches_unpatched(patched: torch.Tensor, unpatched: torch.Tensor, reference: torch.Tensor,
-                             what: str) -> None:
+                             what: str, model_dtype: Optional[torch.dtype] = None) -> None:
     """float32: patched equals unpatched to float32 rounding. 16-bit: patched is about as close to
-    the float32 reference as unpatched is (within a factor 3, plus half a unit of the dtype)."""
+    the float32 reference as unpatched is (within a factor 3, plus half a unit of the dtype).
+    model_dtype: the dtype the model computes in, where it differs from the tensors' (a 16-bit
+    model may return float32 logits)."""
     assert patched.shape == unpatched.shape and patched.dtype == unpatched.dtype, what
     assert torch.isfinite(patched).all(), f"{what}: non-finite values"
     scale = float(unpatched.abs().max())
-    if patched.dtype == torch.float32:
+    dtype = patched.dtype if model_dtype is None else model_dtype
+    if dtype == torch.float32:
         torch.testing.assert_close(patched, unpatched, rtol=1e-5, atol=1e-5 * scale, msg=what)
         return
     # Distances as norms over the whole tensor: the largest element of bfloat16 noise varies too
     # much between two runs (a bias gradient summed over every token is mostly noise).
-    unit = 2.0**-8 if patched.dtype == torch.bfloat16 else 2.0**-11
+    unit = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
     error_patched = float((patched.float() - reference.float()).norm())
     error_unpatched = float((unpatched.float() - reference.float()).norm())
     assert error_patched <= 3 * error_unpatched + unit / 2 * float(reference.float().norm()), (

@@ -5,8 +5,8 @@ and every parameter's gradient, generates the same tokens from left-padded promp
 fused op in its attention.
 
 float32 on the CPU must match transformers to float32 rounding; bfloat16 on a GPU must be as close
-to a float32 run of the same weights as transformers' own bfloat16 model is (hf_tiny_models.
-assert_matches_unpatched).
+to a float32 run of the same weights as transformers' bfloat16 model is with its RoPE rounded once
+(hf_tiny_models.rope_rounded_once, assert_matches_unpatched).
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import rope_kernels
-from hf_tiny_models import (OpCounter, assert_matches_unpatched, causal_lm_types, float32_copy, padded_batch,
-                            tiny_family_model, training_step)
+from hf_tiny_models import (OpCounter, assert_matches_unpatched, causal_lm_types, float32_twin, padded_batch,
+                            rope_rounded_once, tiny_family_model, training_step)
 from rope_env import requires_cuda
 
 # Families whose tiny model the generic config (hf_tiny_models.tiny_config) cannot build yet, and
@@ -48,6 +48,7 @@ def _families() -> List[Any]:
 FAMILIES = _families()
 DEVICE_DTYPES = [
     pytest.param("cpu", torch.float32, id="cpu-fp32"),
+    pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
     pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=requires_cuda),
 ]
 
@@ -69,18 +70,23 @@ def test_the_families_are_found() -> None:
 @pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_training_step_matches_transformers(model_type: str, device: str, dtype: torch.dtype) -> None:
+    # float32: against transformers' model as it is. 16-bit: against it with its own RoPE formula
+    # computed in float32 and rounded once, as the fused op does (hf_tiny_models.rope_rounded_once);
+    # both judged by their distance from a float32 run of the same weights.
     model = tiny_family_model(model_type, device, dtype)
     ids, mask = padded_batch(device, side="right")
-    logits, grads = training_step(model, ids, mask, None)
+    baseline = contextlib.nullcontext() if dtype == torch.float32 else rope_rounded_once(type(model).__module__)
+    with baseline:
+        logits, grads = training_step(model, ids, mask, None)
     with rope_kernels.patch_transformers(model):
         patched_logits, patched_grads = training_step(model, ids, mask, None)
-    reference_logits, reference_grads = (training_step(float32_copy(model), ids, mask, None)
+    reference_logits, reference_grads = (training_step(float32_twin(model, model_type), ids, mask, None)
                                          if dtype != torch.float32 else (logits, grads))
     real = mask.bool()
-    assert_matches_unpatched(patched_logits[real], logits[real], reference_logits[real], "logits")
+    assert_matches_unpatched(patched_logits[real], logits[real], reference_logits[real], "logits", dtype)
     assert patched_grads.keys() == grads.keys() and len(grads) > 0
     for name in grads:
-        assert_matches_unpatched(patched_grads[name], grads[name], reference_grads[name], f"grad of {name}")
+        assert_matches_unpatched(patched_grads[name], grads[name], reference_grads[name], f"grad of {name}", dtype)
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
