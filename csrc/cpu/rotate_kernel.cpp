@@ -247,8 +247,8 @@ void rotate_typed(const RopeInputs& in, const at::Tensor& q_out, const at::Tenso
   // Each task rotates blocks of kTokenBlock consecutive tokens of one sequence: the block's
   // angles first, then token by token every head vector, so that a token's angles stay in L1
   // while its heads are rotated. In (B, H, S, D) tensors too: walking each head's tokens in
-  // memory order instead reads another token's angles for every vector, and ran 1.2 to 1.5
-  // times slower (docs/performance.md).
+  // memory order instead reads another token's angles for every vector, and ran about twice as
+  // slow (docs/performance.md).
   constexpr int64_t kTokenBlock = 16;
   const int64_t blocks_per_sequence = (seq + kTokenBlock - 1) / kTokenBlock;
   const int64_t per_block = kTokenBlock * (both[0].count + both[1].count) * head_dim;
