@@ -33,3 +33,13 @@ def fresh_dynamo() -> Iterator[None]:
     counters.clear()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def unpatched_transformers() -> Iterator[None]:
+    """transformers unpatched before and after a case, whatever the case patched."""
+    import rope_kernels
+
+    rope_kernels.unpatch_transformers()
+    yield
+    rope_kernels.unpatch_transformers()

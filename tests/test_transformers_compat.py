@@ -16,7 +16,7 @@ import importlib
 import inspect
 import sys
 import types
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, List
 
 import pytest
 import torch
@@ -33,12 +33,8 @@ DEVICE_DTYPES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def unpatched_afterwards() -> Iterator[None]:
-    """Every test starts and ends with transformers unpatched, whatever it did."""
-    rope_kernels.unpatch_transformers()
-    yield
-    rope_kernels.unpatch_transformers()
+# Every test starts and ends with transformers unpatched, whatever it did.
+pytestmark = pytest.mark.usefixtures("unpatched_transformers")
 
 
 def modeling_module(model: torch.nn.Module) -> Any:

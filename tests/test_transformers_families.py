@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, List
 
 import pytest
 import torch
@@ -53,11 +53,8 @@ DEVICE_DTYPES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def unpatched_afterwards() -> Iterator[None]:
-    rope_kernels.unpatch_transformers()
-    yield
-    rope_kernels.unpatch_transformers()
+# Every test starts and ends with transformers unpatched, whatever it did.
+pytestmark = pytest.mark.usefixtures("unpatched_transformers")
 
 
 def test_the_families_are_found() -> None:
