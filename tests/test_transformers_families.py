@@ -120,7 +120,10 @@ def test_the_families_page_is_the_installed_transformers_table() -> None:
     from rope_env import TESTS_DIR
     from rope_kernels.transformers_families import families_table
 
-    page = (Path(TESTS_DIR).parent / "docs" / "transformers-families.md").read_text()
+    path = Path(TESTS_DIR).parent / "docs" / "transformers-families.md"
+    if not path.exists():
+        pytest.skip("docs/ is not beside this copy of the tests (a wheel's test run)")
+    page = path.read_text()
     if f"transformers {transformers.__version__} " not in page:
         pytest.skip(f"the page is for another transformers release than {transformers.__version__}")
     assert page == families_table(), "regenerate it: python -m rope_kernels.transformers_families"
