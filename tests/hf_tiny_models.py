@@ -246,3 +246,20 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.calls.append(func)
         return func(*args, **(kwargs or {}))
+
+
+def assert_generates_the_same(model: torch.nn.Module, new_tokens: int) -> None:
+    """transformers' own generate() loop (its cache, masks and position ids), greedy, from
+    left-padded prompts: the same tokens and logits with the model patched as without."""
+    import rope_kernels
+
+    ids, mask = padded_batch(str(next(model.parameters()).device))
+    settings: Dict[str, Any] = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                                    pad_token_id=0, eos_token_id=None, output_logits=True,
+                                    return_dict_in_generate=True)
+    expected = model.generate(ids, **settings)
+    with rope_kernels.patch_transformers(model):
+        got = model.generate(ids, **settings)
+    assert torch.equal(got.sequences, expected.sequences)
+    for step, (ours, theirs) in enumerate(zip(got.logits, expected.logits)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=f"step {step}")

@@ -16,15 +16,16 @@ import importlib
 import inspect
 import sys
 import types
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, List
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 import rope_kernels
-from hf_tiny_models import (VARIANTS, OpCounter, assert_matches_unpatched, decode, float32_copy, packed_positions,
-                            padded_batch, positions_from_mask, tiny_model, training_step)
+from hf_tiny_models import (VARIANTS, OpCounter, assert_generates_the_same, assert_matches_unpatched, decode,
+                            float32_copy, packed_positions, padded_batch, positions_from_mask, tiny_model,
+                            training_step)
 from rope_env import requires_cuda, run_fresh_python
 
 DEVICE_DTYPES = [
@@ -86,16 +87,7 @@ def test_decoding_with_kv_cache_matches_transformers(variant: str, device: str, 
 
 @pytest.mark.parametrize("variant", ["llama", "gemma2", "phi3_partial"])
 def test_generate_gives_the_same_tokens(variant: str) -> None:
-    # transformers' own generate() loop (its cache, masks and position ids), greedy, in float32.
-    model = tiny_model(variant, "cpu", torch.float32)
-    ids, mask = padded_batch("cpu")
-    settings: Dict[str, Any] = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                                    eos_token_id=None, output_logits=True, return_dict_in_generate=True)
-    expected = model.generate(ids, **settings)
-    got = run_patched(model, lambda: model.generate(ids, **settings))
-    assert torch.equal(got.sequences, expected.sequences)
-    for step, (ours, theirs) in enumerate(zip(got.logits, expected.logits)):
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    assert_generates_the_same(tiny_model(variant, "cpu", torch.float32), new_tokens=8)
 
 
 @pytest.mark.parametrize("variant", ["llama", "phi3_partial"])

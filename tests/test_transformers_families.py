@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import rope_kernels
-from hf_tiny_models import (OpCounter, assert_matches_unpatched, causal_lm_types, float32_twin, padded_batch,
-                            rope_rounded_once, tiny_family_model, training_step)
+from hf_tiny_models import (OpCounter, assert_generates_the_same, assert_matches_unpatched, causal_lm_types,
+                            float32_twin, padded_batch, rope_rounded_once, tiny_family_model, training_step)
 from rope_env import requires_cuda
 
 # Families whose tiny model the generic config (hf_tiny_models.tiny_config) cannot build yet, and
@@ -88,16 +88,7 @@ def test_training_step_matches_transformers(model_type: str, device: str, dtype:
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_generate_with_left_padding_gives_the_same_tokens(model_type: str) -> None:
-    model = tiny_family_model(model_type, "cpu", torch.float32)
-    ids, mask = padded_batch("cpu")
-    settings: Dict[str, Any] = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
-                                    eos_token_id=None, output_logits=True, return_dict_in_generate=True)
-    expected = model.generate(ids, **settings)
-    with rope_kernels.patch_transformers(model):
-        got = model.generate(ids, **settings)
-    assert torch.equal(got.sequences, expected.sequences)
-    for step, (ours, theirs) in enumerate(zip(got.logits, expected.logits)):
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    assert_generates_the_same(tiny_family_model(model_type, "cpu", torch.float32), new_tokens=6)
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
