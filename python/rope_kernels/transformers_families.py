@@ -16,7 +16,7 @@ COMMAND = "python -m rope_kernels.transformers_families > docs/transformers-fami
 def _how(status: ModuleStatus) -> str:
     if not status.patched:
         return status.reason.replace("\n", " ").replace("|", "\\|")
-    return "`fused_qk`" + (", result in q's dtype (as the module returns it)" if "q's dtype" in status.reason else "")
+    return "`fused_qk`" + (", result in q's dtype (as the module returns it)" if status.keep_dtype else "")
 
 
 def families_table() -> str:

@@ -56,14 +56,14 @@ class ModuleStatus:
     module: str
     patched: bool  # patched, or (dry run) would be
     reason: str
+    keep_dtype: bool = False  # patched: the result in q's dtype, as the module's function returns it
 
     def __str__(self) -> str:
         return f"{self.module}: {'patched' if self.patched else 'left alone'}: {self.reason}"
 
 
-# Modeling module -> (the function it held when examined, its status, and where patched whether
-# the result keeps q's dtype).
-_examined: Dict[str, Tuple[Any, ModuleStatus, bool]] = {}
+# Modeling module -> (the function it held when examined, its status).
+_examined: Dict[str, Tuple[Any, ModuleStatus]] = {}
 
 
 class TransformersPatch:
@@ -259,8 +259,8 @@ def _examine(module_name: str) -> Optional[ModuleStatus]:
     if cached is not None and cached[0] is original:
         return cached[1]
     keep_dtype, reason = _prove(original)
-    status = ModuleStatus(module_name, keep_dtype is not None, reason)
-    _examined[module_name] = (original, status, bool(keep_dtype))
+    status = ModuleStatus(module_name, keep_dtype is not None, reason, bool(keep_dtype))
+    _examined[module_name] = (original, status)
     return status
 
 
@@ -445,10 +445,10 @@ def _install(module_name: str) -> None:
     if hasattr(current, _REPLACED):
         return  # already patched
     names = _parameters(current)
-    _, status, keep_dtype = _examined[module_name]
+    status = _examined[module_name][1]
     assert names is not None and status.patched
     _originals[module_name] = current
-    setattr(module, _FUNCTION, _replacement(current, _SIGNATURES[names], keep_dtype))
+    setattr(module, _FUNCTION, _replacement(current, _SIGNATURES[names], status.keep_dtype))
 
 
 def _restore(module_name: str) -> None:
