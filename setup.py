@@ -37,19 +37,30 @@ def torch_build_requirement() -> str:
     return f"torch=={major}.{minor}.*"
 
 
-def find_cuda_toolkit() -> str | None:
-    """The CUDA toolkit root: its headers are needed (cuda.h, and torch's CUDA headers).
+def build_tool(name: str) -> str:
+    """The cmake or ninja that the build requirements install (the Python packages of those names),
+    else the one on PATH.
 
-    torch's own guess goes through `which nvcc`, which is wrong when nvcc is a wrapper script
-    outside the toolkit, so each candidate is checked for the header we need.
+    The packages' own binaries rather than PATH's: PATH changes with venv activation, and a build
+    tree configured by one cmake and then run by another regenerates and recompiles everything.
     """
-    from torch.utils.cpp_extension import CUDA_HOME
+    try:
+        if name == "cmake":
+            import cmake
 
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), CUDA_HOME, "/usr/local/cuda"]
-    for root in candidates:
-        if root and (Path(root) / "include" / "cuda.h").exists():
-            return root
-    return None
+            found = Path(cmake.CMAKE_BIN_DIR) / "cmake"
+        else:
+            import ninja
+
+            found = Path(ninja.BIN_DIR) / "ninja"
+        if found.is_file():
+            return str(found)
+    except ImportError:
+        pass
+    on_path = shutil.which(name)
+    if on_path is None:
+        raise RuntimeError(f"rope_kernels: the build needs {name}: pip install {name} (requirements-dev.txt has it)")
+    return on_path
 
 
 def check_shared_cxx_runtime(library: Path) -> None:
@@ -82,8 +93,10 @@ class BuildWithCMake(build_ext):
         # changed, AOT kernels included.
         build_dir = Path(os.environ.get("ROPE_BUILD_DIR", ROOT / "build" / "cmake")).resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
+        cmake = build_tool("cmake")
         configure = [
-            "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            cmake, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            f"-DCMAKE_MAKE_PROGRAM={build_tool('ninja')}",
             f"-DCMAKE_BUILD_TYPE={os.environ.get('ROPE_BUILD_TYPE', 'Release')}",
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             f"-DPython3_EXECUTABLE={sys.executable}",
@@ -91,20 +104,17 @@ class BuildWithCMake(build_ext):
             # RPATH would leak this machine's paths into the wheel.
             "-DCMAKE_SKIP_RPATH=ON",
         ]
-        cuda_root = find_cuda_toolkit()
-        if cuda_root:
-            configure.append(f"-DCUDAToolkit_ROOT={cuda_root}")
-            configure.append(f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_root}")
         # The build follows the environment of this call, not of the one before: an option that is
         # not set now is dropped from the CMake cache, so that CMakeLists.txt's default applies again.
-        for option in ("ROPE_WITH_CUDA", "ROPE_CUDA_ARCHS", "ROPE_AOT_JOBS", "ROPE_AOT_CACHE_DIR"):
+        for option in ("ROPE_WITH_CUDA", "ROPE_CUDA_ARCHS", "ROPE_AOT_JOBS", "ROPE_AOT_CACHE_DIR",
+                       "ROPE_PREBUILT_KERNELS"):
             if option in os.environ:
                 configure.append(f"-D{option}={os.environ[option]}")
             else:
                 configure.append(f"-U{option}")
         subprocess.run(configure, check=True)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
-        subprocess.run(["cmake", "--build", str(build_dir), "--target", ext.target, "-j", jobs], check=True)
+        subprocess.run([cmake, "--build", str(build_dir), "--target", ext.target, "-j", jobs], check=True)
 
         built = build_dir / f"lib{ext.target}.so"
         check_shared_cxx_runtime(built)

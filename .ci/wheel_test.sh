@@ -7,12 +7,12 @@
 #
 # PYTHON: a python with the build requirements (requirements-dev.txt, plus build and twine).
 # The in-tree build directory (ROPE_BUILD_DIR, default build/cmake) is reused when warm; the
-# sdist build shares its compiled-kernel cache (ROPE_AOT_CACHE_DIR, default inside it).
+# sdist build shares the tree's compiled-kernel cache (ROPE_AOT_CACHE_DIR, default build/aot_cache).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 build_dir=${ROPE_BUILD_DIR:-build/cmake}
-export ROPE_AOT_CACHE_DIR=${ROPE_AOT_CACHE_DIR:-$(realpath -m "$build_dir/aot_cache")}
+export ROPE_AOT_CACHE_DIR=${ROPE_AOT_CACHE_DIR:-$PWD/build/aot_cache}
 work=$(mktemp -d "${TMPDIR:-/tmp}/rope_wheel_test.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 step() { echo; echo "== wheel test: $* ($SECONDS s)"; }

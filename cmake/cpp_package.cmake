@@ -44,4 +44,5 @@ write_basic_package_version_file("${CMAKE_CURRENT_BINARY_DIR}/RopeKernelsConfigV
     VERSION "${PROJECT_VERSION}" COMPATIBILITY SameMinorVersion)
 install(FILES "${CMAKE_CURRENT_BINARY_DIR}/RopeKernelsConfig.cmake"
               "${CMAKE_CURRENT_BINARY_DIR}/RopeKernelsConfigVersion.cmake"
+              "${CMAKE_CURRENT_SOURCE_DIR}/cmake/torch_cuda_setup.cmake"
         DESTINATION "${ROPE_CMAKE_PACKAGE_DIR}")

@@ -14,7 +14,7 @@ import hashlib
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TextIO
 
@@ -30,6 +30,12 @@ from .aot_compile import (
 )
 
 KERNEL_FILE = Path(__file__).resolve().with_name("rope_kernel.py")
+SOURCE_ROOT = KERNEL_FILE.parent.parent
+# The files a kernel build depends on besides Triton, relative to the source root: the manifest
+# records their digests, and a build tree that reuses a kernel build checks them against its own
+# (kernels/prebuilt_kernels.cmake).
+BUILD_INPUTS = ("kernels/rope_kernel.py", "kernels/aot_specs.py", "kernels/aot_compile.py",
+                "kernels/aot_emit.py", "kernels/build_aot.py", "csrc/cuda/kernel_table.h")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,14 +74,31 @@ def triton_version() -> str:
 
 
 class Progress:
-    """One-line counter: rewritten in place on a terminal, printed once at the end in a log."""
+    """The count of kernels compiled, for a build that takes minutes.
 
-    def __init__(self, total: int, stream: TextIO = sys.stdout) -> None:
+    On a terminal, one line rewritten in place. Otherwise (a build log) a line every 30 seconds
+    and at the end, written to the log and, where the build was started from a terminal that
+    does not see the log (pip captures a build's output unless run with -v), to that terminal too.
+    """
+
+    INTERVAL_S = 30.0
+
+    def __init__(self, total: int, stream: TextIO = sys.stdout, terminal: TextIO | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.total = total
         self.done = 0
         self.cached = 0
         self.stream = stream
         self.live = stream.isatty()
+        self.terminal = None if self.live else terminal
+        self.clock = clock
+        self.last_line_at = clock()
+
+    def announce(self, text: str) -> None:
+        """A line for everyone watching: the log and the terminal."""
+        for out in self._outputs():
+            out.write(text + "\n")
+            out.flush()
 
     def add(self, cached: bool = False) -> None:
         self.done += 1
@@ -83,13 +106,30 @@ class Progress:
         if self.live:
             self.stream.write(f"\r{self._line()}")
             self.stream.flush()
+        elif self.clock() - self.last_line_at >= self.INTERVAL_S:
+            self.last_line_at = self.clock()
+            self.announce(self._line())
 
     def finish(self) -> None:
-        self.stream.write(f"\r{self._line()}\n" if self.live else f"{self._line()}\n")
-        self.stream.flush()
+        if self.live:
+            self.stream.write(f"\r{self._line()}\n")
+            self.stream.flush()
+        else:
+            self.announce(self._line())
+
+    def _outputs(self) -> list[TextIO]:
+        return [self.stream] + ([self.terminal] if self.terminal is not None else [])
 
     def _line(self) -> str:
         return f"[aot] {self.done}/{self.total} compiled ({self.cached} from cache)"
+
+
+def build_terminal() -> TextIO | None:
+    """The terminal the build runs under, or None where there is none (CI, a detached job)."""
+    try:
+        return open("/dev/tty", "w")  # noqa: SIM115 - kept open for the build's lifetime
+    except OSError:
+        return None
 
 
 def summarize_error(error: str) -> str:
@@ -175,34 +215,40 @@ def collect(results: Iterable[JobResult]) -> tuple[dict[int, dict[int, CompiledV
     return kernels, errors
 
 
-def build(out_dir: Path, cache_dir: Path, archs: list[int], n_jobs: int) -> None:
+def build(out_dir: Path, cache_dir: Path, archs: list[int], n_jobs: int, terminal: TextIO | None = None) -> None:
     setup_triton_env(cache_dir)
     version = triton_version()
     source = KERNEL_FILE.read_text()
     jobs = plan_jobs(archs, cache_dir, version, source)
-    print(f"[aot] triton {version}: {len(jobs)} kernels "
-          f"({len(jobs) // len(archs)} variants x sm_{', sm_'.join(map(str, archs))}), {n_jobs} jobs", flush=True)
     start = time.monotonic()
-    progress = Progress(len(jobs))
+    progress = Progress(len(jobs), terminal=terminal)
+    progress.announce(f"[aot] triton {version}: {len(jobs)} kernels "
+                      f"({len(jobs) // len(archs)} variants x sm_{', sm_'.join(map(str, archs))}), {n_jobs} jobs")
     kernels, errors = collect(run_jobs(jobs, n_jobs, progress))
     progress.finish()
     fatal = {a: e for a, e in errors.items() if not aot_specs.is_optional_arch(a)}
     skipped = {a: summarize_error(e) for a, e in errors.items() if a not in fatal}
     for arch, reason in sorted(skipped.items()):
-        print(f"[aot] note: skipping sm_{arch}: Triton {version} cannot compile it: {reason}", flush=True)
+        progress.announce(f"[aot] note: skipping sm_{arch}: Triton {version} cannot compile it: {reason}")
     if fatal:
         details = "\n".join(f"  sm_{a}: {e}" for a, e in sorted(fatal.items()))
         raise SystemExit(f"[aot] error: compilation failed for required architectures:\n{details}")
     if not kernels:
         raise SystemExit("[aot] error: no architecture could be compiled")
-    changed = aot_emit.write_outputs(out_dir, version, hashlib.sha256(source.encode()).hexdigest(), kernels, skipped)
-    print(f"[aot] sm_{', sm_'.join(map(str, sorted(kernels)))} in {time.monotonic() - start:.1f} s; "
-          f"{len(changed)} file(s) updated in {out_dir}", flush=True)
+    inputs = {name: hashlib.sha256((SOURCE_ROOT / name).read_bytes()).hexdigest() for name in BUILD_INPUTS}
+    changed = aot_emit.write_outputs(out_dir, version, inputs, kernels, skipped)
+    progress.announce(f"[aot] sm_{', sm_'.join(map(str, sorted(kernels)))} in {time.monotonic() - start:.1f} s; "
+                      f"{len(changed)} file(s) updated in {out_dir}")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    build(args.out_dir, args.cache_dir, args.archs, max(1, args.jobs))
+    terminal = build_terminal()
+    try:
+        build(args.out_dir, args.cache_dir, args.archs, max(1, args.jobs), terminal)
+    finally:
+        if terminal is not None:
+            terminal.close()
 
 
 if __name__ == "__main__":

@@ -81,16 +81,3 @@ def test_build_for_another_torch_series_is_refused_with_one_clear_message(tmp_pa
     assert f"built for torch {series(torch.__version__)}" in message, message
     assert "pip install --no-build-isolation" in message, message
 
-
-def test_gpu_build_on_a_cpu_only_torch_says_so(tmp_path: Path) -> None:
-    # A CPU-only torch lacks the CUDA runtime library that a GPU build links; stand in for that
-    # with a library that cannot be loaded and a torch that reports no CUDA.
-    search_path = copy_package(tmp_path, {"torch": torch.__version__, "cuda": "13.0"})
-    for library in (search_path / "rope_kernels").glob("_ops*.so"):
-        library.unlink()
-        library.write_bytes(b"not a shared library")
-    proc = import_in_fresh_process(search_path, before_import="import torch\ntorch.version.cuda = None")
-    assert proc.returncode != 0, f"the import succeeded:\n{proc.stdout}"
-    message = exception_lines(proc.stderr)[-1]
-    assert message.startswith("ImportError: rope_kernels: "), proc.stderr
-    assert "needs a CUDA build of torch" in message and torch.__version__ in message, message

@@ -56,18 +56,5 @@ def load_op_library() -> Path:
     built = _built_with()
     _check_torch_series(str(built["torch"]))
     library = op_library_path()
-    try:
-        torch.ops.load_library(str(library))
-    except OSError as error:
-        # A build with GPU kernels links torch's CUDA runtime library; a CPU-only torch of the
-        # right series lacks it, and the loader's "cannot open shared object file" hides why.
-        if built.get("cuda") and torch.version.cuda is None:
-            raise ImportError(
-                f"rope_kernels: this build has GPU kernels and needs a CUDA build of torch "
-                f"{_series(built['torch'])} (it was built with torch {built['torch']}, CUDA "
-                f"{built['cuda']}), but the installed torch {torch.__version__} has no CUDA support; "
-                "install a CUDA build of that torch, or build rope_kernels from source against the "
-                "installed torch (pip install --no-build-isolation --no-deps <rope_kernels source directory>)"
-            ) from error
-        raise
+    torch.ops.load_library(str(library))
     return library

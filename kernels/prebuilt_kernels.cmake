@@ -1,0 +1,37 @@
+# Checks a kernel build made elsewhere (ROPE_PREBUILT_KERNELS) before this build tree uses it: it
+# must hold the table and the manifest, and come from the same kernel sources as this tree (the
+# manifest's inputs_sha256, written by kernels/build_aot.py). Cubins of another kernel revision
+# would compile and launch, with other parameters or another formula.
+function(rope_check_prebuilt_kernels dir)
+  set(manifest "${dir}/aot_manifest.json")
+  foreach(required "${dir}/rope_kernel_table.cpp" "${manifest}")
+    if(NOT EXISTS "${required}")
+      message(FATAL_ERROR "rope_kernels: ROPE_PREBUILT_KERNELS=${dir} is not a kernel build: no ${required}")
+    endif()
+  endforeach()
+  file(READ "${manifest}" text)
+  string(JSON count ERROR_VARIABLE error LENGTH "${text}" inputs_sha256)
+  if(error)
+    message(FATAL_ERROR "rope_kernels: ${manifest} names no inputs_sha256 (a kernel build of another version): ${error}")
+  endif()
+  math(EXPR last "${count} - 1")
+  foreach(i RANGE ${last})
+    string(JSON name MEMBER "${text}" inputs_sha256 ${i})
+    string(JSON expected GET "${text}" inputs_sha256 "${name}")
+    set(file "${CMAKE_CURRENT_SOURCE_DIR}/${name}")
+    set(actual "(missing)")
+    if(EXISTS "${file}")
+      file(SHA256 "${file}" actual)
+      set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS "${file}")
+    endif()
+    if(NOT actual STREQUAL expected)
+      message(FATAL_ERROR "rope_kernels: the kernel build in ${dir} was made from another ${name} "
+                          "than this source tree's; rebuild it from this tree (python -m kernels.build_aot)")
+    endif()
+  endforeach()
+  string(JSON triton GET "${text}" triton_version)
+  string(JSON archs GET "${text}" architectures)
+  message(STATUS "rope_kernels: kernels from ${dir} (Triton ${triton}, sm ${archs})")
+  # A new kernel build in place, or an edit of a checked file, reconfigures: the check runs again.
+  set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS "${manifest}")
+endfunction()
