@@ -1,9 +1,11 @@
 """Checks what the wheel and the sdist hold, and the wheel's metadata, against the source tree.
 
     python .ci/check_distributions.py --wheel W.whl [--sdist S.tar.gz] [--same-files-as OTHER.whl]
+                                      [--torch-series 2.13] [--manylinux]
 
-Run from the repository root with the python the wheel was built with (its torch decides the
-torch requirement the metadata must carry). Needs readelf (binutils) and, for --sdist, git.
+Run from the repository root. The torch series the wheel must require is --torch-series, else
+that of this Python's torch. --manylinux: the wheel is a release wheel, repaired by auditwheel
+(.ci/release_wheels.py) to a manylinux tag. Needs readelf (binutils) and, for --sdist, git.
 Exits 1 with one line per problem.
 """
 from __future__ import annotations
@@ -26,12 +28,21 @@ DISTRIBUTION = "rope-kernels"
 PYTHON_TAG, ABI_TAG = "cp310", "abi3"
 REQUIRES_PYTHON = ">=3.10"
 LICENSE = "BSD-3-Clause"
+# The libraries the op library may load: torch's own (c10 and torch_cpu; the OpenMP runtime that
+# torch ships and loads), which the wheel leaves to the torch it requires, and those of the system
+# that every manylinux policy allows. Nothing else: not libcuda (opened at run time), not
+# libpython (C++ programs use the library too), not libtorch_cuda (so that the CPU build of torch
+# serves too).
+TORCH_LIBRARIES = ("libtorch_cpu.so", "libc10.so", "libgomp.so.1")
+SYSTEM_LIBRARIES = ("libstdc++.so.6", "libgcc_s.so.1", "libm.so.6", "libc.so.6", "libdl.so.2", "libpthread.so.0",
+                    "librt.so.1", "ld-linux-x86-64.so.2")
+MANYLINUX_TAG = re.compile(r"manylinux_2_(\d+)_" + re.escape(platform.machine()))
 # What a build needs besides the tracked files under these folders.
 SDIST_TOP_FILES = ["CMakeLists.txt", "setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE"]
 SDIST_FOLDERS = ["cmake", "csrc", "kernels", "python", "tests"]
 
 
-def torch_series() -> str:
+def this_torch_series() -> str:
     import torch
 
     return ".".join(torch.__version__.split("+")[0].split(".")[:2])
@@ -42,11 +53,14 @@ def tracked_files(folders: list[str]) -> list[str]:
     return out.split()
 
 
-def check_wheel(path: Path, version: str) -> list[str]:
+def check_wheel(path: Path, version: str, series: str, manylinux: bool) -> list[str]:
     problems: list[str] = []
-    expected_name = f"{PACKAGE}-{version}-{PYTHON_TAG}-{ABI_TAG}-linux_{platform.machine()}.whl"
-    if path.name != expected_name:
-        problems.append(f"wheel is named {path.name}, expected {expected_name}")
+    prefix = f"{PACKAGE}-{version}-{PYTHON_TAG}-{ABI_TAG}-"
+    platform_tag = path.name[len(prefix):-len(".whl")] if path.name.startswith(prefix) else ""
+    if manylinux and not MANYLINUX_TAG.fullmatch(platform_tag):
+        problems.append(f"wheel is named {path.name}, expected {prefix}manylinux_2_<glibc minor>_{platform.machine()}.whl")
+    if not manylinux and platform_tag != f"linux_{platform.machine()}":
+        problems.append(f"wheel is named {path.name}, expected {prefix}linux_{platform.machine()}.whl")
     dist_info = f"{PACKAGE}-{version}.dist-info"
     with zipfile.ZipFile(path) as wheel:
         names = set(wheel.namelist())
@@ -64,7 +78,6 @@ def check_wheel(path: Path, version: str) -> list[str]:
     stray = sorted(n for n in names if not n.startswith((f"{PACKAGE}/", f"{dist_info}/")))
     problems += [f"wheel holds {n}, outside the package" for n in stray]
 
-    series = torch_series()
     expected_fields = {
         "Name": DISTRIBUTION, "Version": version, "Requires-Python": REQUIRES_PYTHON,
         "License-Expression": LICENSE, "Description-Content-Type": "text/markdown",
@@ -98,9 +111,14 @@ def check_dynamic_section(path: Path) -> list[str]:
         dynamic = subprocess.run(["readelf", "-d", library], check=True, capture_output=True, text=True).stdout
     entries = [line.strip() for line in dynamic.splitlines() if re.search(r"\((NEEDED|RPATH|RUNPATH)\)", line)]
     print("\n".join(["op library dynamic section:"] + [f"  {e}" for e in entries]))
-    problems = [f"op library {e}" for e in entries if re.search(r"libcuda\.so|libpython|\((RPATH|RUNPATH)\)", e)]
-    if not any("libstdc++" in e for e in entries):
-        problems.append("op library does not load the shared libstdc++ that torch uses")
+    problems = [f"op library has {e}: it finds torch's libraries through the loaded torch"
+                for e in entries if re.search(r"\((RPATH|RUNPATH)\)", e)]
+    needed = [m.group(1) for e in entries if (m := re.search(r"\(NEEDED\).*\[(.+)\]", e))]
+    problems += [f"op library loads {name}, which is neither torch's nor the system's" for name in needed
+                 if name not in TORCH_LIBRARIES + SYSTEM_LIBRARIES]
+    for name in ("libstdc++.so.6", "libc10.so", "libtorch_cpu.so"):
+        if name not in needed:
+            problems.append(f"op library does not load {name} (the shared one torch uses)")
     return problems
 
 
@@ -126,9 +144,12 @@ def main() -> int:
     parser.add_argument("--wheel", type=Path, required=True)
     parser.add_argument("--sdist", type=Path)
     parser.add_argument("--same-files-as", type=Path, help="another wheel that must hold the same files")
+    parser.add_argument("--torch-series", help="the torch series the wheel requires (default: this Python's)")
+    parser.add_argument("--manylinux", action="store_true", help="a release wheel, with a manylinux tag")
     args = parser.parse_args()
     version = Path("python", PACKAGE, "VERSION").read_text().strip()
-    problems = check_wheel(args.wheel, version) + check_dynamic_section(args.wheel)
+    series = args.torch_series or this_torch_series()
+    problems = check_wheel(args.wheel, version, series, args.manylinux) + check_dynamic_section(args.wheel)
     if args.sdist:
         problems += check_sdist(args.sdist, version)
     if args.same_files_as:

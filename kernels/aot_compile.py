@@ -5,7 +5,8 @@ is used directly rather than ``triton.tools.compile``: the tool asks the active 
 target and for C type names, which fails on a machine without a GPU.
 
 Each result is stored in the build cache as ``<key>.cubin`` plus ``<key>.json`` (the metadata the
-launcher needs), so a warm build never starts Triton at all.
+launcher needs), and for the arch whose PTX the build embeds, ``<key>.ptx``; so a warm build never
+starts Triton at all.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class CompileJob:
     variant: Variant
     kernel_path: str  # rope_kernel.py
     cubin_path: str  # where the cubin goes in the cache; metadata next to it as .json
+    keep_ptx: bool = False  # store the PTX too (as .ptx next to the cubin)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +63,7 @@ class CompiledVariant:
     stride_bits: int
     cubin_size: int
     cubin_path: str
+    ptx_path: str = ""  # the PTX text, where the job kept it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +90,8 @@ def cache_key(kernel_source: str, triton_version: str, arch: int, variant: Varia
     return h.hexdigest()
 
 
-def load_cached(cubin_path: Path) -> CompiledVariant | None:
-    """The cached record of a cubin, or None if absent or incomplete."""
+def load_cached(cubin_path: Path, want_ptx: bool = False) -> CompiledVariant | None:
+    """The cached record of a cubin (and its PTX, if wanted), or None if absent or incomplete."""
     meta_path = cubin_path.with_suffix(".json")
     try:
         record = json.loads(meta_path.read_text())
@@ -97,7 +100,10 @@ def load_cached(cubin_path: Path) -> CompiledVariant | None:
         return None
     if not cubin_path.is_file() or cubin_path.stat().st_size != compiled.cubin_size:
         return None
-    return dataclasses.replace(compiled, cubin_path=str(cubin_path))
+    ptx_path = cubin_path.with_suffix(".ptx")
+    if want_ptx and not ptx_path.is_file():
+        return None
+    return dataclasses.replace(compiled, cubin_path=str(cubin_path), ptx_path=str(ptx_path) if want_ptx else "")
 
 
 def compile_job(job: CompileJob) -> JobResult:
@@ -130,6 +136,13 @@ def _compile_and_store(job: CompileJob) -> CompiledVariant:
         cubin_size=len(cubin),
         cubin_path=job.cubin_path,
     )
+    if job.keep_ptx:
+        # Written before the record, which marks the entry complete. NUL-terminated: the driver
+        # takes PTX as a C string.
+        ptx_path = Path(job.cubin_path).with_suffix(".ptx")
+        ptx_path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(ptx_path, kernel.asm["ptx"].encode() + b"\0")
+        compiled = dataclasses.replace(compiled, ptx_path=str(ptx_path))
     _store(Path(job.cubin_path), cubin, compiled)
     return compiled
 

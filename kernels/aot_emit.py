@@ -11,6 +11,7 @@ no-op AOT run.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -35,7 +36,7 @@ BLOB_SECTION = '.rodata.rope_kernels_cubins,"a",%progbits'
 
 # Symbol names carry the project prefix and are hidden: never exported from the shared library,
 # so they cannot clash with another library's embedded blobs.
-SYMBOL_PREFIX = "rope_kernels_aot_cubins_sm"
+SYMBOL_PREFIX = "rope_kernels_aot_"
 
 # C++ spelling of each axis value, in the index order of aot_specs.
 _CPP_QK = ("QkDtype::kFloat16", "QkDtype::kBFloat16", "QkDtype::kFloat32")
@@ -44,7 +45,7 @@ _CPP_POS = ("PosKind::kNone", "PosKind::kInt32", "PosKind::kInt64", "PosKind::kC
             "PosKind::kCuSeqlensInt64")
 
 # KernelImage fields, in the order the aggregate initializers below fill them.
-_KERNEL_IMAGE_FIELDS = ("cubin", "cubin_size", "function_name", "num_warps", "shared_bytes",
+_KERNEL_IMAGE_FIELDS = ("image", "image_size", "function_name", "num_warps", "shared_bytes",
                         "num_trailing_null_params", "block_h", "stride_bits")
 
 
@@ -61,18 +62,42 @@ def write_if_changed(path: Path, data: bytes) -> bool:
     return True
 
 
-def blob_name(arch: int) -> str:
-    return f"cubins_sm{arch}.bin"
+@dataclasses.dataclass(frozen=True)
+class ImageSet:
+    """One arch's module images in the table: its cubins, or (ptx) the PTX texts of its variants
+    for GPUs no cubin runs on. Each set is one blob, one symbol and one KernelImage array."""
+
+    arch: int
+    ptx: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "ptx" if self.ptx else "cubins"
+
+    @property
+    def blob_name(self) -> str:
+        return f"{self.kind}_sm{self.arch}.bin"
+
+    @property
+    def symbol(self) -> str:
+        return f"{SYMBOL_PREFIX}{self.kind}_sm{self.arch}"
+
+    @property
+    def table_name(self) -> str:
+        return f"k{'Ptx' if self.ptx else ''}KernelsSm{self.arch}"
+
+    def path_of(self, compiled: CompiledVariant) -> str:
+        return compiled.ptx_path if self.ptx else compiled.cubin_path
 
 
-def pack_blob(kernels: Mapping[int, CompiledVariant]) -> tuple[bytes, dict[int, int]]:
-    """Concatenate one arch's cubins in table order, each at an aligned offset."""
+def pack_blob(images: ImageSet, kernels: Mapping[int, CompiledVariant]) -> tuple[bytes, dict[int, int]]:
+    """Concatenate one set's images in table order, each at an aligned offset."""
     blob = bytearray()
     offsets: dict[int, int] = {}
     for index in sorted(kernels):
         blob.extend(b"\0" * (-len(blob) % CUBIN_ALIGN))
         offsets[index] = len(blob)
-        blob.extend(Path(kernels[index].cubin_path).read_bytes())
+        blob.extend(Path(images.path_of(kernels[index])).read_bytes())
     return bytes(blob), offsets
 
 
@@ -87,9 +112,10 @@ def _gas_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _asm_block(arch: int, file_name: str, blob: bytes) -> list[str]:
-    """The asm() that embeds one arch's blob, and the C++ declaration of its symbol."""
-    symbol = f"{SYMBOL_PREFIX}{arch}"
+def _asm_block(images: ImageSet, blob: bytes) -> list[str]:
+    """The asm() that embeds one set's blob, and the C++ declaration of its symbol."""
+    symbol = images.symbol
+    file_name = images.blob_name
     lines = [
         f".pushsection {BLOB_SECTION}",
         f".balign {CUBIN_ALIGN}",
@@ -104,27 +130,29 @@ def _asm_block(arch: int, file_name: str, blob: bytes) -> list[str]:
     digest = hashlib.sha256(blob).hexdigest()
     # The digest makes this file's text change whenever a blob does: compilers do not list
     # .incbin inputs in their dependency files, so this is what triggers the rebuild.
-    out = [f"// sm_{arch}: {file_name}, {len(blob)} bytes, sha256 {digest}", "asm("]
+    out = [f"// sm_{images.arch} {images.kind}: {file_name}, {len(blob)} bytes, sha256 {digest}", "asm("]
     out += [f"    {_c_string(line + chr(10))}" for line in lines]
     out[-1] += ");"
     out.append(f'extern "C" __attribute__((visibility("hidden"))) const unsigned char {symbol}[];')
     return out
 
 
-def _entry(variant: Variant, arch: int, compiled: CompiledVariant | None, offset: int) -> str:
+def _entry(variant: Variant, images: ImageSet, compiled: CompiledVariant | None, offset: int, size: int) -> str:
     comment = f"/* {variant.index:3d} {variant.label()} */"
     if compiled is None:
         return f"    {comment} {{nullptr, 0, nullptr, 0, 0, 0, 0, 0}},"
-    fields = (f"{SYMBOL_PREFIX}{arch} + {offset}", str(compiled.cubin_size), _c_string(compiled.name),
+    fields = (f"{images.symbol} + {offset}", str(size), _c_string(compiled.name),
               str(compiled.num_warps), str(compiled.shared), str(compiled.num_trailing_null_params),
               str(compiled.block_h), str(compiled.stride_bits))
     return f"    {comment} {{{', '.join(fields)}}},"
 
 
-def _arch_table(arch: int, kernels: Mapping[int, CompiledVariant], offsets: Mapping[int, int]) -> list[str]:
-    out = [f"const KernelImage kKernelsSm{arch}[kNumVariants] = {{"]
+def _arch_table(images: ImageSet, kernels: Mapping[int, CompiledVariant], offsets: Mapping[int, int]) -> list[str]:
+    out = [f"const KernelImage {images.table_name}[kNumVariants] = {{"]
     for v in aot_specs.all_variants():
-        out.append(_entry(v, arch, kernels.get(v.index), offsets.get(v.index, 0)))
+        compiled = kernels.get(v.index)
+        size = Path(images.path_of(compiled)).stat().st_size if compiled is not None else 0
+        out.append(_entry(v, images, compiled, offsets.get(v.index, 0), size))
     out.append("};")
     return out
 
@@ -158,27 +186,48 @@ def _order_asserts() -> list[str]:
     return out
 
 
-def render_table_cpp(triton_version: str, archs: list[int], kernels: Mapping[int, Mapping[int, CompiledVariant]],
-                     blobs: Mapping[int, bytes], offsets: Mapping[int, Mapping[int, int]]) -> str:
+def image_sets(kernels: Mapping[int, Mapping[int, CompiledVariant]]) -> list[ImageSet]:
+    """Each built arch's cubins, then the PTX of the PTX arch (aot_specs.ptx_arch), if built."""
+    archs = sorted(kernels)
+    sets = [ImageSet(arch) for arch in archs]
+    ptx_arch = aot_specs.ptx_arch(archs)
+    if ptx_arch is not None:
+        missing = [i for i, c in kernels[ptx_arch].items() if not c.ptx_path]
+        if missing:
+            raise RuntimeError(f"sm_{ptx_arch} is the PTX arch but variants {missing[:5]} have no PTX")
+        sets.append(ImageSet(ptx_arch, ptx=True))
+    return sets
+
+
+def render_table_cpp(triton_version: str, kernels: Mapping[int, Mapping[int, CompiledVariant]],
+                     blobs: Mapping[ImageSet, bytes], offsets: Mapping[ImageSet, Mapping[int, int]],
+                     skipped: Iterable[int] = ()) -> str:
+    archs = sorted(kernels)
+    sets = image_sets(kernels)
+    ptx = [s for s in sets if s.ptx]
     lines = [
         "// Generated by kernels/build_aot.py: do not edit.",
-        f"// Cubins of rope_qk_kernel compiled by Triton {triton_version} for sm_{', sm_'.join(map(str, archs))}.",
+        f"// Cubins of rope_qk_kernel compiled by Triton {triton_version} for sm_{', sm_'.join(map(str, archs))}"
+        + (f"; PTX of sm_{ptx[0].arch}." if ptx else "; no PTX."),
         '#include "cuda/kernel_table.h"',
         "",
         "#include <cstddef>",
         "",
     ]
-    for arch in archs:
-        lines += _asm_block(arch, blob_name(arch), blobs[arch]) + [""]
+    for images in sets:
+        lines += _asm_block(images, blobs[images]) + [""]
     lines += ["namespace rope_kernels::cuda {", "", "namespace {", ""]
-    for arch in archs:
-        lines += _arch_table(arch, kernels[arch], offsets[arch]) + [""]
+    for images in sets:
+        lines += _arch_table(images, kernels[images.arch], offsets[images]) + [""]
     lines += ["}  // namespace", "", "const ArchKernels kBuiltArchs[] = {"]
-    lines += [f"    {{{arch}, kKernelsSm{arch}}}," for arch in archs]
+    lines += [f"    {{{s.arch}, {s.table_name}, false}}," for s in sets if not s.ptx]
     lines += [
         "};",
         "const int kNumBuiltArchs = static_cast<int>(sizeof(kBuiltArchs) / sizeof(kBuiltArchs[0]));",
+        f"const ArchKernels kPtxKernels = {{{ptx[0].arch}, {ptx[0].table_name}, true}};" if ptx
+        else "const ArchKernels kPtxKernels = {0, nullptr, true};",
         f"const char* const kTritonVersion = {_c_string(triton_version)};",
+        f"const char* const kSkippedArchsJson = {_c_string(json.dumps(sorted(skipped)))};",
         "",
     ]
     lines += _layout_asserts() + _order_asserts()
@@ -205,6 +254,7 @@ def render_manifest(triton_version: str, inputs_sha256: Mapping[str, str], archs
         # checks that its own files are the same.
         "inputs_sha256": dict(sorted(inputs_sha256.items())),
         "architectures": archs,
+        "ptx_architecture": aot_specs.ptx_arch(archs),
         "skipped_architectures": {str(a): reason for a, reason in sorted(skipped.items())},
         "num_variant_slots": aot_specs.NUM_VARIANTS,
         "variants_per_architecture": len(aot_specs.built_variants()),
@@ -221,10 +271,10 @@ def _json_one_variant_per_line(manifest: dict[str, object], variants: list[dict[
 
 
 
-def remove_stale_blobs(out_dir: Path, archs: Iterable[int]) -> None:
-    """Drop blobs of archs no longer built, so the output dir holds exactly this build."""
-    keep = {blob_name(a) for a in archs}
-    for path in out_dir.glob("cubins_sm*.bin"):
+def remove_stale_blobs(out_dir: Path, sets: Iterable[ImageSet]) -> None:
+    """Drop blobs of image sets no longer built, so the output dir holds exactly this build."""
+    keep = {s.blob_name for s in sets}
+    for path in [*out_dir.glob("cubins_sm*.bin"), *out_dir.glob("ptx_sm*.bin")]:
         if path.name not in keep:
             path.unlink()
 
@@ -233,21 +283,21 @@ def write_outputs(out_dir: Path, triton_version: str, inputs_sha256: Mapping[str
                   kernels: Mapping[int, Mapping[int, CompiledVariant]], skipped: Mapping[int, str]) -> list[Path]:
     """Write blobs, table and manifest; return the files whose content changed."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    archs = sorted(kernels)
     changed: list[Path] = []
-    blobs: dict[int, bytes] = {}
-    offsets: dict[int, dict[int, int]] = {}
-    for arch in archs:
-        blobs[arch], offsets[arch] = pack_blob(kernels[arch])
-        path = out_dir / blob_name(arch)
-        if write_if_changed(path, blobs[arch]):
+    blobs: dict[ImageSet, bytes] = {}
+    offsets: dict[ImageSet, dict[int, int]] = {}
+    sets = image_sets(kernels)
+    for images in sets:
+        blobs[images], offsets[images] = pack_blob(images, kernels[images.arch])
+        path = out_dir / images.blob_name
+        if write_if_changed(path, blobs[images]):
             changed.append(path)
     texts = {
-        TABLE_CPP: render_table_cpp(triton_version, archs, kernels, blobs, offsets),
-        MANIFEST_JSON: render_manifest(triton_version, inputs_sha256, archs, skipped, kernels),
+        TABLE_CPP: render_table_cpp(triton_version, kernels, blobs, offsets, skipped),
+        MANIFEST_JSON: render_manifest(triton_version, inputs_sha256, sorted(kernels), skipped, kernels),
     }
     for name, text in texts.items():
         if write_if_changed(out_dir / name, text.encode()):
             changed.append(out_dir / name)
-    remove_stale_blobs(out_dir, archs)
+    remove_stale_blobs(out_dir, sets)
     return changed

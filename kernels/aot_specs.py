@@ -84,6 +84,11 @@ NUM_VARIANTS = (len(QK_DTYPES) * len(TABLE_DTYPES) * len(BLOCK_D2_VALUES) * len(
 REQUIRED_ARCHS = (80, 86, 89, 90)
 OPTIONAL_ARCHS = (100, 120)
 DEFAULT_ARCHS = REQUIRED_ARCHS + OPTIONAL_ARCHS
+# Triton compiles sm_90 and later to arch-specific PTX (sm_90a, sm_100a, sm_120a), which only a
+# GPU of exactly that architecture runs; the PTX of earlier ones (plain sm_89 and below) the
+# driver compiles for any later GPU. So the PTX kept for GPUs newer than the build is that of the
+# newest arch built below this one (ptx_arch).
+FIRST_ARCH_SPECIFIC_PTX = 90
 
 
 # The largest heads-per-program value a table may hold. A sequence-fastest grid holds at most 65535
@@ -276,3 +281,9 @@ def built_variants() -> list[Variant]:
 def is_optional_arch(arch: int) -> bool:
     """Whether a compile failure for this arch skips it instead of failing the build."""
     return arch not in REQUIRED_ARCHS
+
+
+def ptx_arch(archs: list[int]) -> int | None:
+    """The arch whose PTX is embedded for GPUs that no cubin of `archs` runs on, or None."""
+    portable = [arch for arch in archs if arch < FIRST_ARCH_SPECIFIC_PTX]
+    return max(portable) if portable else None

@@ -142,13 +142,14 @@ def summarize_error(error: str) -> str:
 
 
 def plan_jobs(archs: list[int], cache_dir: Path, version: str, source: str) -> list[CompileJob]:
-    """One job per (arch, built variant), in table order."""
+    """One job per (arch, built variant), in table order; the PTX arch's keep their PTX."""
     jobs = []
+    ptx_arch = aot_specs.ptx_arch(archs)
     for arch in archs:
         for variant in aot_specs.built_variants():
             key = cache_key(source, version, arch, variant)
             cubin = cache_dir / "cubins" / key[:2] / f"{key}.cubin"
-            jobs.append(CompileJob(arch, variant, str(KERNEL_FILE), str(cubin.resolve())))
+            jobs.append(CompileJob(arch, variant, str(KERNEL_FILE), str(cubin.resolve()), keep_ptx=arch == ptx_arch))
     return jobs
 
 
@@ -156,7 +157,7 @@ def run_jobs(jobs: list[CompileJob], n_jobs: int, progress: Progress) -> Iterabl
     """Results of cache hits first, then of the compiled jobs as they finish."""
     misses = []
     for job in jobs:
-        cached = load_cached(Path(job.cubin_path))
+        cached = load_cached(Path(job.cubin_path), want_ptx=job.keep_ptx)
         if cached is None:
             misses.append(job)
         else:

@@ -40,14 +40,15 @@ def device_dtype_params(names: tuple[str, ...] = ("fp16", "bf16", "fp32", "fp64"
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_fresh_python(code: str, *argv: str, timeout: float = 300.0) -> str:
+def run_fresh_python(code: str, *argv: str, timeout: float = 300.0, env: dict[str, str] | None = None) -> str:
     """Run `python -c code argv...` in a new interpreter and return its stdout; fail on exit != 0.
 
     The tests directory goes on PYTHONPATH so that the code can import the tests' helpers. A fresh
     process is the only way to test what happens on the first call of a process (module loading,
-    context creation) or with nothing but what a saved file holds.
+    context creation, settings read once) or with nothing but what a saved file holds. `env` adds
+    to this process's environment.
     """
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
                           env=env, timeout=timeout)

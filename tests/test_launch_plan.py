@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import pytest
 import torch
 
-from rope_env import HAS_SOURCE_TREE, requires_cuda
+from rope_env import HAS_SOURCE_TREE, requires_cuda, run_fresh_python
 
 import rope_kernels  # noqa: F401  (loads the op library)
 from rope_kernels.launch_plan import LaunchPlan, launch_plan
@@ -277,21 +277,76 @@ def test_overrides_replace_heads_per_program_and_order() -> None:
         launch_plan(_bshd(32), _bshd(8), cos, sin, capability=90, block_h=65)
 
 
+def _expected_kernels(capability: int, built: List[int], ptx_arch: Optional[int]) -> Optional[Tuple[int, bool]]:
+    """(arch, ptx) of what runs on this capability: an 8.x device runs the largest built 8.y cubin
+    with y <= x, 9.0 and later only their own; else the PTX where its arch is not above the device's."""
+    runs = [arch for arch in built if arch == capability or (arch // 10 == 8 == capability // 10 and arch <= capability)]
+    if runs:
+        return max(runs), False
+    if ptx_arch is not None and ptx_arch <= capability:
+        return ptx_arch, True
+    return None
+
+
 @requires_cuda_build
 def test_a_device_without_a_built_architecture_is_named() -> None:
     cos, sin = _tables(128)
     with pytest.raises(RuntimeError, match=r"rope::_launch_plan: no kernel for this GPU \(sm_75\); this build has sm_"):
         launch_plan(_bshd(32), _bshd(8), cos, sin, capability=75)
-    # 8.x devices run the largest built 8.y cubin with y <= x; 9.0 and later only their own.
-    built = CUDA_KERNELS["architectures"]
-    for capability in (80, 86, 87, 89, 90):
-        runs = [arch for arch in built if arch == capability or (arch // 10 == 8 == capability // 10
-                                                                   and arch <= capability)]
-        if runs:
-            assert launch_plan(_bshd(32), _bshd(8), cos, sin, capability=capability).arch == max(runs)
+    built, ptx_arch = CUDA_KERNELS["architectures"], CUDA_KERNELS["ptx_architecture"]
+    for capability in (80, 86, 87, 89, 90, 100, 103, 110, 120, 121, 130):
+        expected = _expected_kernels(capability, built, ptx_arch)
+        if expected is not None:
+            plan = launch_plan(_bshd(32), _bshd(8), cos, sin, capability=capability)
+            assert (plan.arch, plan.ptx) == expected, (capability, plan)
         else:
             with pytest.raises(RuntimeError, match=f"no kernel for this GPU \\(sm_{capability}\\)"):
                 launch_plan(_bshd(32), _bshd(8), cos, sin, capability=capability)
+
+
+@requires_cuda_build
+def test_gpus_newer_than_the_build_run_the_ptx_of_the_newest_portable_arch() -> None:
+    # Triton's PTX for sm_90 and later is arch-specific (sm_90a ...): the PTX kept is that of the
+    # newest arch built below sm_90, which the driver compiles for any later GPU.
+    built = CUDA_KERNELS["architectures"]
+    portable = [arch for arch in built if arch < 90]
+    assert CUDA_KERNELS["ptx_architecture"] == (max(portable) if portable else None)
+    if not portable:
+        pytest.skip(f"this build ({built}) has no arch below sm_90, so no PTX")
+    cos, sin = _tables(128)
+    plan = launch_plan(_bshd(32), _bshd(8), cos, sin, capability=130)
+    assert plan.ptx and plan.arch == max(portable)
+    assert not launch_plan(_bshd(32), _bshd(8), cos, sin, capability=max(built)).ptx
+
+
+@requires_cuda_build
+def test_rope_force_ptx_takes_the_ptx_wherever_it_runs() -> None:
+    if CUDA_KERNELS["ptx_architecture"] is None:
+        pytest.skip("this build has no PTX")
+    out = run_fresh_python(FORCED_PTX_PLANS, env={"ROPE_FORCE_PTX": "1"})
+    plans = json.loads(out.strip().splitlines()[-1])
+    ptx_arch = CUDA_KERNELS["ptx_architecture"]
+    assert plans["forced"] is True
+    for capability in (80, 86, 89, 90, 100, 120, 130):
+        expected = [ptx_arch, True] if capability >= ptx_arch else "error"
+        assert plans[str(capability)] == expected, (capability, plans)
+
+
+FORCED_PTX_PLANS = """
+import json, torch, rope_kernels
+from rope_kernels.launch_plan import launch_plan
+q, k = torch.randn(1, 8, 16, 128), torch.randn(1, 2, 16, 128)
+cos, sin = torch.randn(16, 64), torch.randn(16, 64)
+plans = {"forced": rope_kernels.build_info()["ptx_forced"]}
+for capability in (80, 86, 89, 90, 100, 120, 130):
+    try:
+        plan = launch_plan(q, k, cos, sin, capability=capability)
+        plans[str(capability)] = [plan.arch, plan.ptx]
+    except RuntimeError as error:
+        assert "ROPE_FORCE_PTX=1" in str(error), error
+        plans[str(capability)] = "error"
+print(json.dumps(plans))
+"""
 
 
 @requires_cuda_build

@@ -1,6 +1,7 @@
 #include "cuda/build_info.h"
 
 #include "cuda/kernel_table.h"
+#include "cuda/launch_plan.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -12,7 +13,7 @@ namespace {
 int built_variant_count(const ArchKernels& arch) {
   int count = 0;
   for (int v = 0; v < kNumVariants; ++v) {
-    count += arch.kernels[v].cubin != nullptr ? 1 : 0;
+    count += arch.kernels[v].image != nullptr ? 1 : 0;
   }
   return count;
 }
@@ -57,11 +58,15 @@ std::string cuda_build_info_json() {
     per_architecture = i == 0 ? count : std::min(per_architecture, count);
     total += count;
   }
-  return "{\"architectures\": [" + architectures + "], \"variants_per_architecture\": " +
+  return "{\"architectures\": [" + architectures + "], \"skipped_architectures\": " + kSkippedArchsJson +
+         ", \"variants_per_architecture\": " +
          std::to_string(per_architecture) + ", \"variants_by_architecture\": {" + by_architecture +
          "}, \"variant_slots\": " + std::to_string(kNumVariants) + ", \"kernels\": " + std::to_string(total) +
          ", \"max_head_dim\": " + std::to_string(kMaxHeadDim) +
          ", \"dtypes\": [" + dtypes + "]" +
+         ", \"ptx_architecture\": " +
+         (kPtxKernels.kernels != nullptr ? std::to_string(kPtxKernels.arch) : std::string("null")) +
+         ", \"ptx_forced\": " + (ptx_forced() ? "true" : "false") +
          ", \"triton\": " + json_string(kTritonVersion) + "}";
 }
 

@@ -66,8 +66,10 @@ enum class GridOrder : int {
 };
 
 struct KernelImage {
-  const unsigned char* cubin;  // nullptr: this variant was not built
-  std::size_t cubin_size;
+  // What cuModuleLoadData takes: a cubin, or (in kPtxKernels) NUL-terminated PTX text that the
+  // driver compiles for the device at the first load. nullptr: this variant was not built.
+  const unsigned char* image;
+  std::size_t image_size;
   const char* function_name;   // Triton metadata.name
   int num_warps;
   int shared_bytes;            // metadata.shared
@@ -75,9 +77,16 @@ struct KernelImage {
   int block_h;                 // heads per program, counted over q's heads then k's: sets the head blocks per token
   int stride_bits;             // width of the 18 stride parameters: 32 (aligned variants) or 64
 };
-struct ArchKernels { int arch; const KernelImage* kernels; };  // arch = 10*major + minor; kNumVariants entries
-extern const ArchKernels kBuiltArchs[];
+// arch = 10*major + minor; kNumVariants entries; ptx: the images are PTX text, not cubins.
+struct ArchKernels { int arch; const KernelImage* kernels; bool ptx; };
+extern const ArchKernels kBuiltArchs[];  // the cubins, one entry per built arch
 extern const int kNumBuiltArchs;
+// The PTX of one built arch (kernels/aot_specs.ptx_arch: the newest whose PTX runs on later GPUs),
+// for GPUs that no cubin runs on; kernels == nullptr where the build has none.
+extern const ArchKernels kPtxKernels;
 extern const char* const kTritonVersion;   // triton version the cubins were built with
+// The archs the build was asked for but its Triton could not compile (optional ones), as a JSON
+// list: asked for = built + skipped.
+extern const char* const kSkippedArchsJson;
 
 }  // namespace rope_kernels::cuda

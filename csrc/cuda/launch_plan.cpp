@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 
 namespace rope_kernels::cuda {
@@ -218,31 +219,51 @@ std::string describe_variant(const Variant& v) {
 
 }  // namespace
 
+bool ptx_forced() {
+  static const bool forced = [] {
+    const char* value = std::getenv("ROPE_FORCE_PTX");
+    return value != nullptr && std::string(value) == "1";
+  }();
+  return forced;
+}
+
 const ArchKernels* select_arch(int capability) {
-  const int major = capability / 10;
-  const int minor = capability % 10;
-  const ArchKernels* best = nullptr;
-  for (int i = 0; i < kNumBuiltArchs; ++i) {
-    const ArchKernels& candidate = kBuiltArchs[i];
-    if (candidate.arch == capability) {
-      return &candidate;
+  if (!ptx_forced()) {
+    const int major = capability / 10;
+    const int minor = capability % 10;
+    const ArchKernels* best = nullptr;
+    for (int i = 0; i < kNumBuiltArchs; ++i) {
+      const ArchKernels& candidate = kBuiltArchs[i];
+      if (candidate.arch == capability) {
+        return &candidate;
+      }
+      // Plain sm_8y cubins run on any 8.x with x >= y (binary compatibility within a major).
+      const bool runs_here = major < 9 && candidate.arch / 10 == major && candidate.arch % 10 <= minor;
+      if (runs_here && (best == nullptr || candidate.arch > best->arch)) {
+        best = &candidate;
+      }
     }
-    // Plain sm_8y cubins run on any 8.x with x >= y (binary compatibility within a major).
-    const bool runs_here = major < 9 && candidate.arch / 10 == major && candidate.arch % 10 <= minor;
-    if (runs_here && (best == nullptr || candidate.arch > best->arch)) {
-      best = &candidate;
+    if (best != nullptr) {
+      return best;
     }
   }
-  return best;
+  // PTX of sm_X compiles for any GPU of capability X or later.
+  if (kPtxKernels.kernels != nullptr && capability >= kPtxKernels.arch) {
+    return &kPtxKernels;
+  }
+  return nullptr;
 }
 
 std::string built_arch_list() {
-  if (kNumBuiltArchs == 0) {
-    return "no GPU architectures";
-  }
   std::string out;
   for (int i = 0; i < kNumBuiltArchs; ++i) {
     out += (i == 0 ? "sm_" : ", sm_") + std::to_string(kBuiltArchs[i].arch);
+  }
+  if (kNumBuiltArchs == 0) {
+    out = "no GPU architectures";
+  }
+  if (kPtxKernels.kernels != nullptr) {
+    out += " and the PTX of sm_" + std::to_string(kPtxKernels.arch) + " (for later GPUs)";
   }
   return out;
 }
@@ -294,10 +315,11 @@ LaunchPlan plan_launch(const char* op, const RopeInputs& in, const at::Tensor& q
 
   const ArchKernels* arch = select_arch(capability);
   TORCH_CHECK(arch != nullptr, op, ": no kernel for this GPU (sm_", capability, "); this build has ",
-              built_arch_list());
+              built_arch_list(), ptx_forced() ? ", and ROPE_FORCE_PTX=1 allows only the PTX" : "");
   plan.arch = arch->arch;
+  plan.ptx = arch->ptx;
   const KernelImage& image = arch->kernels[plan.variant.index()];
-  TORCH_CHECK(image.cubin != nullptr, op, ": this build has no sm_", arch->arch, " kernel for ",
+  TORCH_CHECK(image.image != nullptr, op, ": this build has no sm_", arch->arch, " kernel for ",
               describe_variant(plan.variant));
   plan.image = &image;
 

@@ -82,7 +82,8 @@ struct PlanOverrides {
 };
 
 struct LaunchPlan {
-  int arch;                    // the built architecture whose cubins run (select_arch)
+  int arch;                    // the built architecture whose cubins (or PTX) run (select_arch)
+  bool ptx;                    // the image is that arch's PTX, compiled by the driver at load
   Variant variant;
   const KernelImage* image;    // never null: a variant that was not built is an error
   int block_h;                 // heads per program
@@ -103,10 +104,15 @@ void check_grid_limits(const char* op, const RopeInputs& in);
 LaunchPlan plan_launch(const char* op, const RopeInputs& in, const at::Tensor& q_out, const at::Tensor& k_out,
                        int sin_sign, int capability, const PlanOverrides& overrides = {});
 
-// The built cubins that run on a device of this capability (10 * major + minor), or nullptr:
-// an exact match, else for 8.x the largest built 8.y with y <= the device's minor (sm_90 and
-// later cubins are "a" targets, which run only on exactly their capability).
+// The built kernels that run on a device of this capability (10 * major + minor), or nullptr:
+// the cubins of an exact match, else for 8.x the largest built 8.y with y <= the device's minor
+// (sm_90 and later cubins are "a" targets, which run only on exactly their capability), else the
+// build's PTX where its arch is not above the device's. With ROPE_FORCE_PTX=1 in the environment
+// (read once), the PTX wherever it can run: the way to test that path on a GPU the cubins serve.
 const ArchKernels* select_arch(int capability);
+
+// Whether ROPE_FORCE_PTX=1 was set when the process first asked.
+bool ptx_forced();
 
 // "sm_80, sm_86, sm_89, sm_90": the architectures of this build, for error messages.
 std::string built_arch_list();

@@ -34,7 +34,8 @@ std::vector<int64_t> plan_values(const LaunchPlan& plan) {
           v.write_interleaved ? 1 : 0,
           plan.args.pos_kind,
           plan.args.rotary_half,
-          plan.args.copy_end};
+          plan.args.copy_end,
+          plan.ptx ? 1 : 0};
 }
 
 std::vector<int64_t> launch_plan_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,

@@ -139,7 +139,7 @@ std::string prepare_function(const DriverApi& api, CUmodule module, const Kernel
 // failure nothing stays loaded.
 std::string load_into_current_context(const DriverApi& api, const KernelImage& image, LoadedKernel* out) {
   CUmodule module = nullptr;
-  const CUresult result = api.module_load_data(&module, image.cubin);
+  const CUresult result = api.module_load_data(&module, image.image);
   if (result != CUDA_SUCCESS) {
     return "cuModuleLoadData failed: " + describe_result(api, result);
   }
@@ -183,7 +183,7 @@ const LoadedKernel& load_kernel(const DriverApi& api, const char* op, int device
   if (const LoadedKernel* loaded = slot.load(std::memory_order_acquire)) {
     return *loaded;  // another thread loaded it while this one waited for the lock
   }
-  TORCH_CHECK(image.cubin != nullptr && image.function_name != nullptr, op, ": variant ", variant,
+  TORCH_CHECK(image.image != nullptr && image.function_name != nullptr, op, ": variant ", variant,
               " was not built for sm_", arch);
   TORCH_CHECK(image.num_warps >= 1 && image.num_warps <= 32 && image.shared_bytes >= 0, op,
               ": the kernel table is inconsistent for sm_", arch, " variant ", variant, " (num_warps ",

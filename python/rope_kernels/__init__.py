@@ -163,8 +163,14 @@ def build_info() -> Dict[str, Any]:
     kernels = info.pop("cuda_kernels", None) or {}
     info["triton"] = kernels.get("triton")
     info["architectures"] = list(kernels.get("architectures", []))
+    # Asked for by the build (ROPE_CUDA_ARCHS) but not compilable by its Triton.
+    info["skipped_architectures"] = list(kernels.get("skipped_architectures", []))
     info["variants_per_architecture"] = kernels.get("variants_per_architecture", 0)
     info["kernels"] = kernels.get("kernels", 0)
     info["cuda_max_head_dim"] = kernels.get("max_head_dim", 0)
     info["cuda_dtypes"] = list(kernels.get("dtypes", []))
+    # The arch whose PTX the build carries for GPUs no cubin runs on (None: no PTX), and whether
+    # ROPE_FORCE_PTX=1 makes this process use it wherever it can run.
+    info["ptx_architecture"] = kernels.get("ptx_architecture")
+    info["ptx_forced"] = bool(kernels.get("ptx_forced", False))
     return info

@@ -15,7 +15,7 @@ import torch
 class LaunchPlan(NamedTuple):
     """One launch, in the order rope::_launch_plan returns its values."""
 
-    arch: int          # the built architecture whose cubin runs (10 * major + minor)
+    arch: int          # the built architecture whose cubin or PTX runs (10 * major + minor)
     variant: int       # index in the kernel table (variant_index in csrc/cuda/kernel_table.h)
     block_d2: int      # pairs block of the variant: rotary_dim / 2 rounded up to a built one (16 ... 256)
     aligned: bool      # the 16-byte-aligned variant, with 32-bit strides
@@ -31,6 +31,7 @@ class LaunchPlan(NamedTuple):
     pos_kind: int      # where rows come from (kernels/aot_specs.POS_KINDS)
     rotary_half: int   # pairs rotated per head
     copy_end: int      # features [2 * rotary_half, copy_end) copied through
+    ptx: bool          # the arch's PTX runs (compiled by the driver), not a cubin
 
     @property
     def block(self) -> Tuple[int, int, int]:
@@ -57,4 +58,5 @@ def launch_plan(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     return LaunchPlan(arch=v[0], variant=v[1], block_d2=v[2], aligned=bool(v[3]), even_d=bool(v[4]),
                       narrow=bool(v[5]), block_h=v[6], num_warps=v[7], grid=(v[8], v[9], v[10]),
                       grid_order=v[11], stride_bits=v[12], read_interleaved=bool(v[13]),
-                      write_interleaved=bool(v[14]), pos_kind=v[15], rotary_half=v[16], copy_end=v[17])
+                      write_interleaved=bool(v[14]), pos_kind=v[15], rotary_half=v[16], copy_end=v[17],
+                      ptx=bool(v[18]))
