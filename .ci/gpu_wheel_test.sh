@@ -4,6 +4,10 @@
 # `python -m rope_kernels` against the installed wheel, not the source tree.
 #
 #   bash .ci/gpu_wheel_test.sh            # PYTHON=python3: the python (and torch) to build for
+#   bash .ci/gpu_wheel_test.sh WHEEL      # or a release wheel built elsewhere (.ci/release_wheels.py)
+#
+# PYTEST_ARGS: more pytest arguments (e.g. "-n 16 --dist loadfile" with pytest-xdist);
+# PYTEST_K: a -k expression choosing the tests.
 #
 # Nothing can be downloaded there, so the fresh environment is a new venv that also sees the
 # packages of $PYTHON (torch, Triton, pytest), wherever they are: the system, a venv or conda
@@ -29,10 +33,16 @@ print(f"Python {platform.python_version()}; " + ", ".join(f"{n} {m.version(n)}" 
 print(f"CUDA devices: {[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}")
 EOF
 
-step "pip wheel --no-build-isolation --no-deps ."
-quietly "$PYTHON" -m pip wheel --no-build-isolation --no-deps . -w "$work/dist"
-wheel=$(ls "$work"/dist/*.whl)
-"$PYTHON" .ci/check_distributions.py --wheel "$wheel"
+if [ $# -ge 1 ]; then
+  wheel=$(realpath "$1")
+  step "release wheel $(basename "$wheel")"
+  "$PYTHON" .ci/check_distributions.py --wheel "$wheel" --manylinux
+else
+  step "pip wheel --no-build-isolation --no-deps ."
+  quietly "$PYTHON" -m pip wheel --no-build-isolation --no-deps . -w "$work/dist"
+  wheel=$(ls "$work"/dist/*.whl)
+  "$PYTHON" .ci/check_distributions.py --wheel "$wheel"
+fi
 "$PYTHON" python/rope_kernels/cubins.py "$wheel"
 
 step "fresh environment: a venv over the packages of $PYTHON, with the wheel installed in it"
@@ -73,7 +83,7 @@ step "python -m rope_kernels (installed wheel)"
 in_venv "$venv_python" -m rope_kernels
 
 step "the test suite against the installed wheel"
-in_venv "$venv_python" -m pytest -q -ra -p no:cacheprovider --rootdir "$work/tests" "$work/tests"
+in_venv "$venv_python" -m pytest -q -ra -p no:cacheprovider --rootdir "$work/tests" ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"} "$work/tests"
 
 step "size"
 wheel_bytes=$(stat -c %s "$wheel")
