@@ -16,33 +16,35 @@ jobs=${MAX_JOBS:-2}
 torch_prefix=$("$PYTHON" -c "import torch; print(torch.utils.cmake_prefix_path)")
 
 python_executable=$("$PYTHON" -c 'import sys; print(sys.executable)')
+# The CMake and Ninja of the build requirements, as setup.py runs them (PATH's where they are missing).
+bin_of() { "$PYTHON" -c "import os, $1; print(os.path.join($2, '$3'))" 2>/dev/null || command -v "$3"; }
+cmake=$(bin_of cmake cmake.CMAKE_BIN_DIR cmake)
+ctest=$(bin_of cmake cmake.CMAKE_BIN_DIR ctest)
+ninja=$(bin_of ninja ninja.BIN_DIR ninja)
 
 if [ ! -f "$build_dir/CMakeCache.txt" ]; then
   echo "cpp_tests: no library build in $build_dir; configuring one"
-  cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  "$cmake" -S . -B "$build_dir" -G Ninja -DCMAKE_MAKE_PROGRAM="$ninja" -DCMAKE_BUILD_TYPE=Release \
         -DCMAKE_PREFIX_PATH="$torch_prefix" -DPython3_EXECUTABLE="$python_executable" \
-        ${CUDA_HOME:+-DCUDAToolkit_ROOT="$CUDA_HOME" -DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME"} \
         ${ROPE_AOT_CACHE_DIR:+-DROPE_AOT_CACHE_DIR="$ROPE_AOT_CACHE_DIR"}
 fi
 # Up to date after setup.py's build: this only checks (about a second for the kernel step).
-cmake --build "$build_dir" --target rope_kernels_ops -j "$jobs"
+"$cmake" --build "$build_dir" --target rope_kernels_ops -j "$jobs"
 rm -rf "$install_prefix"
-cmake --install "$build_dir" --prefix "$install_prefix"
+"$cmake" --install "$build_dir" --prefix "$install_prefix"
 
-# The CUDA toolkit the library was configured with: torch's CMake config of a CUDA build needs
-# one too, and finds it through both of these variables (the second for its FindCUDA).
+# AOTInductor compiles CUDA packages against CUDA_HOME: the toolkit the library was configured with.
 cuda_root=$(sed -n 's/^CUDAToolkit_ROOT:[A-Z]*=//p' "$build_dir/CMakeCache.txt" | head -n 1)
-cuda_args=()
 if [ -n "$cuda_root" ]; then
-  cuda_args=(-DCUDAToolkit_ROOT="$cuda_root" -DCUDA_TOOLKIT_ROOT_DIR="$cuda_root")
-  export CUDA_HOME=${CUDA_HOME:-$cuda_root}  # AOTInductor compiles CUDA packages against it
+  export CUDA_HOME=${CUDA_HOME:-$cuda_root}
 fi
 if ! "$PYTHON" -c "import rope_kernels" 2>/dev/null; then
   export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-cmake -S tests/cpp -B "$tests_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-      -DCMAKE_PREFIX_PATH="$install_prefix;$torch_prefix" \
-      -DPython3_EXECUTABLE="$python_executable" ${cuda_args[@]+"${cuda_args[@]}"}
-cmake --build "$tests_dir" -j "$jobs"
-ctest --test-dir "$tests_dir" --output-on-failure -j "$jobs"
+# As docs/cpp.md's program is configured: the package finds torch, and torch's config the CUDA
+# toolkit, with nothing but the prefixes.
+"$cmake" -S tests/cpp -B "$tests_dir" -G Ninja -DCMAKE_MAKE_PROGRAM="$ninja" -DCMAKE_BUILD_TYPE=Release \
+      -DCMAKE_PREFIX_PATH="$install_prefix;$torch_prefix" -DPython3_EXECUTABLE="$python_executable"
+"$cmake" --build "$tests_dir" -j "$jobs"
+"$ctest" --test-dir "$tests_dir" --output-on-failure -j "$jobs"
