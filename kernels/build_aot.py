@@ -91,12 +91,16 @@ class Progress:
         self.stream = stream
         self.live = stream.isatty()
         self.terminal = None if self.live else terminal
+        self.terminal_used = False
         self.clock = clock
         self.last_line_at = clock()
 
     def announce(self, text: str) -> None:
         """A line for everyone watching: the log and the terminal."""
         for out in self._outputs():
+            if out is self.terminal and not self.terminal_used:
+                out.write("\n")  # off the line of pip's spinner
+                self.terminal_used = True
             out.write(text + "\n")
             out.flush()
 
