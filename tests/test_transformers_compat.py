@@ -174,8 +174,10 @@ def test_dry_run_reports_every_modeling_module_and_changes_nothing() -> None:
     status = {s.module.split(".")[2]: s for s in handle.report}
     for family in FAMILIES:
         assert status[family].patched, status[family]
-    for family in ("cohere", "glm"):  # interleaved pairs
-        assert not status[family].patched and "differs" in status[family].reason
+    # GLM pairs the features interleaved: patched with the op's interleaved=True. Cohere's pairs are
+    # interleaved too, but it reads its tables per feature (repeated angles): left alone.
+    assert status["glm"].patched and status["glm"].convention == "`fused_qk(..., interleaved=True)`"
+    assert not status["cohere"].patched and "differs" in status["cohere"].reason
     assert all(s.reason for s in handle.report)
     handle.undo()  # a dry run has nothing to undo
     assert rope_kernels.patched_modules() == ()
@@ -209,42 +211,56 @@ def interleaved_copy(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     return q * cos + _rotate_pairs(q) * sin, k * cos + _rotate_pairs(k) * sin
 
 
+def per_feature_tables_copy(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            unsqueeze_dim: int = 1) -> Any:
+    # Cohere's: interleaved pairs, each feature multiplied by its own column of the tables.
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return q * cos + _rotate_pairs(q) * sin, k * cos + _rotate_pairs(k) * sin
+
+
 def other_signature(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mrope_section: Any,
                     unsqueeze_dim: int = 1) -> Any:
     return llama_copy(q, k, cos, sin, unsqueeze_dim)
 
 
 def test_a_module_is_patched_by_what_its_function_computes() -> None:
-    # Modules of made-up families: the one with a copy of Llama's function is patched under any
-    # name; one with interleaved pairs, or with another signature, is left alone with the reason.
-    names = ["ropetest_llama_copy", "ropetest_interleaved", "ropetest_signature"]
+    # Modules of made-up families: those with a copy of Llama's or of GLM's function are patched
+    # under any name, each with its pair convention; one of another convention, or with another
+    # signature, is left alone with the reason.
+    names = ["ropetest_llama_copy", "ropetest_interleaved", "ropetest_per_feature", "ropetest_signature"]
     try:
         copy_module = _fake_modeling_module(names[0], llama_copy)
         interleaved_module = _fake_modeling_module(names[1], interleaved_copy)
-        other_module = _fake_modeling_module(names[2], other_signature)
-        with rope_kernels.patch_transformers(copy_module) as handle:
-            assert handle.modules == (copy_module.__name__,)
-            assert copy_module.apply_rotary_pos_emb is not llama_copy
-            q, k = torch.randn(2, 4, 6, 16), torch.randn(2, 2, 6, 16)
-            angles = torch.rand(2, 6, 8) * 6
-            cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
-            counter = OpCounter()
-            with counter:
-                got = copy_module.apply_rotary_pos_emb(q, k, cos, sin)
-            assert counter.calls.count(torch.ops.rope.fused_qk.default) == 1
-            for a, b in zip(got, llama_copy(q, k, cos, sin)):
-                torch.testing.assert_close(a, b)
-        assert copy_module.apply_rotary_pos_emb is llama_copy
-        with pytest.raises(ValueError, match=r"left alone: the op's result differs from its apply_rotary_pos_emb "
-                                             r"on the per-token \(B, H, S, D\) call"):
-            rope_kernels.patch_transformers(interleaved_module)
+        per_feature_module = _fake_modeling_module(names[2], per_feature_tables_copy)
+        other_module = _fake_modeling_module(names[3], other_signature)
+        q, k = torch.randn(2, 4, 6, 16), torch.randn(2, 2, 6, 16)
+        angles = torch.rand(2, 6, 8) * 6
+        cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+        for module, function, interleaved in ((copy_module, llama_copy, False),
+                                              (interleaved_module, interleaved_copy, True)):
+            with rope_kernels.patch_transformers(module) as handle:
+                assert handle.modules == (module.__name__,)
+                assert handle.report[0].convention == ("`fused_qk(..., interleaved=True)`" if interleaved
+                                                       else "`fused_qk`")
+                assert module.apply_rotary_pos_emb is not function
+                counter = OpCounter()
+                with counter:
+                    got = module.apply_rotary_pos_emb(q, k, cos, sin)
+                assert counter.calls.count(torch.ops.rope.fused_qk.default) == 1
+                for a, b in zip(got, function(q, k, cos, sin)):
+                    torch.testing.assert_close(a, b)
+            assert module.apply_rotary_pos_emb is function
+        with pytest.raises(ValueError, match=r"left alone: the op's result differs from its apply_rotary_pos_emb: "
+                                             r"with half-split pairs, on the per-token \(B, H, S, D\) call q off by "
+                                             r".*; with interleaved pairs, on the per-token"):
+            rope_kernels.patch_transformers(per_feature_module)
         with pytest.raises(ValueError, match=r"does not have transformers' signature"):
             rope_kernels.patch_transformers(other_module)
-        assert interleaved_module.apply_rotary_pos_emb is interleaved_copy
+        assert per_feature_module.apply_rotary_pos_emb is per_feature_tables_copy
         # patch_transformers() patches every loaded module that it proves, and only those.
         handle = rope_kernels.patch_transformers()
-        assert copy_module.__name__ in handle.modules
-        assert interleaved_module.__name__ not in handle.modules and other_module.__name__ not in handle.modules
+        assert copy_module.__name__ in handle.modules and interleaved_module.__name__ in handle.modules
+        assert per_feature_module.__name__ not in handle.modules and other_module.__name__ not in handle.modules
         handle.undo()
     finally:
         for name in names:

@@ -119,6 +119,37 @@ def apply_rotary_pos_emb_interleave(
                                    layout="bhsd" if seq_dim == 2 else "bshd")
 
 
+def fused_interleaved_pos_emb(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: Optional[torch.Tensor] = None,
+    unsqueeze_dim: int = 1,
+    keep_dtype: bool = False,
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """GLM's ``apply_rotary_pos_emb`` result from the fused op (interleaved pairs over the first
+    ``cos.shape[-1]`` features, the rest passed through), or None for inputs the op does not serve.
+    The result is in the dtype transformers' formula gives, or with ``keep_dtype`` in q's dtype, as
+    the modules that compute in float32 and cast back (ERNIE 4.5) return it."""
+    seq_dim = _seq_dim(q, k, unsqueeze_dim)
+    if seq_dim < 0:
+        return None
+    width = cos.size(-1)
+    head_dim = q.size(-1)
+    dtype = q.dtype if keep_dtype else formula_dtype(q, cos, sin)
+    # An odd width rotates one feature fewer than the table has columns: the formula serves it.
+    if width % 2 != 0 or width == 0 or width > head_dim or not per_token_angles(cos, q.size(0), q.size(seq_dim)) \
+            or not op_takes(q, k, cos, sin, seq_dim, dtype):
+        return None
+    q, k, cos, sin = in_dtype(q, k, cos, sin, dtype)
+    rotary_dim: Optional[int] = None
+    if width != head_dim:
+        rotary_dim = width
+    return torch.ops.rope.fused_qk(q, k, cos, sin, None, interleaved=True, rotary_dim=rotary_dim,
+                                   layout="bhsd" if seq_dim == 2 else "bshd")
+
+
 def apply_rotary_pos_emb_glm(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -133,19 +164,7 @@ def apply_rotary_pos_emb_glm(
     cos/sin ``(batch or 1, seq, R)``, R even and at most head_dim; see the module documentation.
     Returns new tensors; differentiable in q and k.
     """
-    seq_dim = _seq_dim(q, k, unsqueeze_dim)
-    if seq_dim < 0:
+    fused = fused_interleaved_pos_emb(q, k, cos, sin, position_ids, unsqueeze_dim)
+    if fused is None:
         return glm_by_formula(q, k, cos, sin, position_ids, unsqueeze_dim)
-    width = cos.size(-1)
-    head_dim = q.size(-1)
-    dtype = formula_dtype(q, cos, sin)
-    # An odd width rotates one feature fewer than the table has columns: the formula serves it.
-    if width % 2 != 0 or width == 0 or width > head_dim or not per_token_angles(cos, q.size(0), q.size(seq_dim)) \
-            or not op_takes(q, k, cos, sin, seq_dim, dtype):
-        return glm_by_formula(q, k, cos, sin, position_ids, unsqueeze_dim)
-    q, k, cos, sin = in_dtype(q, k, cos, sin, dtype)
-    rotary_dim: Optional[int] = None
-    if width != head_dim:
-        rotary_dim = width
-    return torch.ops.rope.fused_qk(q, k, cos, sin, None, interleaved=True, rotary_dim=rotary_dim,
-                                   layout="bhsd" if seq_dim == 2 else "bshd")
+    return fused

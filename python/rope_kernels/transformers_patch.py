@@ -10,8 +10,10 @@ Which modules are patched is found, not listed: a modeling module is patched whe
 ``apply_rotary_pos_emb`` has transformers' signature and, on small random inputs at patch time,
 the op gives the function's own result, forward and backward, in every form the function is called
 with (per-token and shared angles, (B, H, S, D) and (B, S, H, D) tensors, a rotated width below
-head_dim, the result's dtype). A module whose function computes something else (interleaved pairs,
-another convention) is left alone, and the reason is reported (``TransformersPatch.report``,
+head_dim, the result's dtype), in one of the pair conventions of transformers' functions: Llama's
+half-split pairs, or GLM's interleaved pairs (``interleaved=True``; GLM, Helium, ERNIE 4.5,
+Moonshine). A module whose function computes something else (another convention, tables of
+another form) is left alone, and the reason is reported (``TransformersPatch.report``,
 ``patch_transformers(dry_run=True)``).
 
 ``patch_transformers()`` patches the modeling modules already imported and, through an import
@@ -39,6 +41,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 
 from .hf_compat import fused_rotary_pos_emb
+from .hf_interleaved import fused_interleaved_pos_emb
 
 _FUNCTION = "apply_rotary_pos_emb"
 _MODULE_PREFIX = "transformers.models."
@@ -57,6 +60,7 @@ class ModuleStatus:
     patched: bool  # patched, or (dry run) would be
     reason: str
     keep_dtype: bool = False  # patched: the result in q's dtype, as the module's function returns it
+    convention: str = ""  # patched: the op's arguments that compute the module's function
 
     def __str__(self) -> str:
         return f"{self.module}: {'patched' if self.patched else 'left alone'}: {self.reason}"
@@ -258,8 +262,9 @@ def _examine(module_name: str) -> Optional[ModuleStatus]:
     cached = _examined.get(module_name)
     if cached is not None and cached[0] is original:
         return cached[1]
-    keep_dtype, reason = _prove(original)
-    status = ModuleStatus(module_name, keep_dtype is not None, reason, bool(keep_dtype))
+    keep_dtype, convention, reason = _prove(original)
+    status = ModuleStatus(module_name, convention is not None, reason, bool(keep_dtype),
+                          convention.arguments if convention is not None else "")
     _examined[module_name] = (original, status)
     return status
 
@@ -293,37 +298,70 @@ def _parameters(original: Any) -> Optional[Tuple[str, ...]]:
     return names
 
 
-def _prove(original: Any) -> Tuple[Optional[bool], str]:
-    """(keep_dtype, why) where the op computes the function, (None, why not) otherwise."""
+@dataclasses.dataclass(frozen=True)
+class _Convention:
+    """One way transformers' functions pair the features, and the op call that computes it: `fused`
+    takes the function's arguments and keep_dtype, and returns None where the op does not serve them."""
+
+    name: str  # in reasons: "half-split pairs"
+    arguments: str  # the op's arguments, for the families table
+    fused: Callable[..., Optional[Tuple[torch.Tensor, torch.Tensor]]]
+
+
+_CONVENTIONS = (
+    _Convention("half-split pairs", "`fused_qk`", fused_rotary_pos_emb),
+    _Convention("interleaved pairs", "`fused_qk(..., interleaved=True)`", fused_interleaved_pos_emb),
+)
+
+
+def _prove(original: Any) -> Tuple[Optional[bool], Optional[_Convention], str]:
+    """(keep_dtype, convention, why) where the op computes the function, (None, None, why not)
+    otherwise. The conventions are tried in turn; the first that gives the function's result in
+    every form it is called with is taken."""
     names = _parameters(original)
     if names is None:
-        return None, (f"its {_FUNCTION} does not have transformers' signature "
-                      "(q, k, cos, sin[, position_ids=None], unsqueeze_dim=1)")
+        return None, None, (f"its {_FUNCTION} does not have transformers' signature "
+                            "(q, k, cos, sin[, position_ids=None], unsqueeze_dim=1)")
     takes_position_ids = _SIGNATURES[names]
     cases = _proof_cases(takes_position_ids)
     try:
         out_dtype = original(*cases["bfloat16-q-and-float32-angles"].args())[0].dtype
     except Exception as error:  # noqa: BLE001
-        return None, f"its {_FUNCTION} raised on a (B, H, S, D) call ({type(error).__name__}: {error})"
+        return None, None, f"its {_FUNCTION} raised on a (B, H, S, D) call ({type(error).__name__}: {error})"
     if out_dtype not in (torch.bfloat16, torch.float32):
-        return None, f"its {_FUNCTION} returns {out_dtype} for bfloat16 q and float32 cos/sin"
+        return None, None, f"its {_FUNCTION} returns {out_dtype} for bfloat16 q and float32 cos/sin"
     keep_dtype = out_dtype == torch.bfloat16
-    replacement = _replacement(original, takes_position_ids, keep_dtype)
+    expected: Dict[str, List[torch.Tensor]] = {}
     for name, case in cases.items():
         try:
-            expected = _forward_and_grads(original, case)
+            expected[name] = _forward_and_grads(original, case)
         except Exception as error:  # noqa: BLE001
-            if case.optional:
-                continue  # a form the function does not take: the model never passes it
-            return None, f"its {_FUNCTION} raised on the {name} call ({type(error).__name__}: {error})"
-        if fused_rotary_pos_emb(*case.fused_args(), keep_dtype=keep_dtype) is None:
-            return None, f"the op does not serve its {name} call"
-        got = _forward_and_grads(replacement, case)
-        problem = _difference(got, expected, case)
+            if not case.optional:
+                return None, None, f"its {_FUNCTION} raised on the {name} call ({type(error).__name__}: {error})"
+            # A form the function does not take: the model never passes it.
+    problems = []
+    for convention in _CONVENTIONS:
+        problem = _convention_problem(original, convention, takes_position_ids, keep_dtype, cases, expected)
+        if problem is None:
+            return keep_dtype, convention, (f"the op computes its {_FUNCTION} with {convention.name}, forward and "
+                                            "backward" + (" (result in q's dtype)" if keep_dtype else ""))
+        problems.append(f"with {convention.name}, {problem}")
+    return None, None, f"the op's result differs from its {_FUNCTION}: " + "; ".join(problems)
+
+
+def _convention_problem(original: Any, convention: _Convention, takes_position_ids: bool, keep_dtype: bool,
+                        cases: Dict[str, "_Case"], expected: Dict[str, List[torch.Tensor]]) -> Optional[str]:
+    """Where the op in this convention does not give the function's result (None: nowhere)."""
+    replacement = _replacement(original, convention, takes_position_ids, keep_dtype)
+    for name, case in cases.items():
+        if name not in expected:
+            continue
+        if convention.fused(*case.fused_args(), keep_dtype=keep_dtype) is None:
+            return f"the op does not serve its {name} call"
+        problem = _difference(_forward_and_grads(replacement, case), expected[name], case)
         if problem is not None:
-            return None, f"the op's result differs from its {_FUNCTION} on the {name} call ({problem})"
-    return keep_dtype, ("the op computes its " + _FUNCTION + ", forward and backward"
-                        + (" (result in q's dtype)" if keep_dtype else ""))
+            return f"on the {name} call {problem}"
+    return None
 
 
 @dataclasses.dataclass
@@ -421,18 +459,20 @@ def _difference(got: List[torch.Tensor], expected: List[torch.Tensor], case: _Ca
 # Installing and restoring
 
 
-def _replacement(original: Any, takes_position_ids: bool, keep_dtype: bool) -> Callable[..., Any]:
+def _replacement(original: Any, convention: _Convention, takes_position_ids: bool,
+                 keep_dtype: bool) -> Callable[..., Any]:
     """The function installed in a module: the op where it serves the inputs, the original else."""
+    fused_pos_emb = convention.fused
     if takes_position_ids:
         def replacement(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         position_ids: Optional[torch.Tensor] = None, unsqueeze_dim: int = 1
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
-            fused = fused_rotary_pos_emb(q, k, cos, sin, position_ids, unsqueeze_dim, keep_dtype)
+            fused = fused_pos_emb(q, k, cos, sin, position_ids, unsqueeze_dim, keep_dtype)
             return original(q, k, cos, sin, position_ids, unsqueeze_dim) if fused is None else fused
     else:
         def replacement(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,  # type: ignore[misc]
                         unsqueeze_dim: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
-            fused = fused_rotary_pos_emb(q, k, cos, sin, None, unsqueeze_dim, keep_dtype)
+            fused = fused_pos_emb(q, k, cos, sin, None, unsqueeze_dim, keep_dtype)
             return original(q, k, cos, sin, unsqueeze_dim) if fused is None else fused
     replacement.__doc__ = f"transformers' {_FUNCTION}, computed by torch.ops.rope.fused_qk (rope_kernels)."
     setattr(replacement, _REPLACED, original)
@@ -448,7 +488,8 @@ def _install(module_name: str) -> None:
     status = _examined[module_name][1]
     assert names is not None and status.patched
     _originals[module_name] = current
-    setattr(module, _FUNCTION, _replacement(current, _SIGNATURES[names], status.keep_dtype))
+    convention = next(c for c in _CONVENTIONS if c.arguments == status.convention)
+    setattr(module, _FUNCTION, _replacement(current, convention, _SIGNATURES[names], status.keep_dtype))
 
 
 def _restore(module_name: str) -> None:
