@@ -412,3 +412,37 @@ def test_per_sequence_angles_in_every_layout(device: str, layout: str, seq: int)
     # The per-token angles are one table per sequence to the op: one call, whatever the layout,
     # with no positions tensor made and nothing reshaped or copied around it.
     assert counter == [torch.ops.rope.fused_qk.default]
+
+
+def _one_angle_per_pair_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int,
+                                  interleaved: bool) -> torch.Tensor:
+    # GPT-OSS's _apply_rotary_emb (half-split) and OpenAI's privacy filter's (interleaved), in float64.
+    x, cos, sin = x.double(), cos.double().unsqueeze(unsqueeze_dim), sin.double().unsqueeze(unsqueeze_dim)
+    first, second = (x[..., ::2], x[..., 1::2]) if interleaved else x.chunk(2, dim=-1)
+    out = (first * cos - second * sin, second * cos + first * sin)
+    return torch.stack(out, dim=-1).flatten(-2) if interleaved else torch.cat(out, dim=-1)
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half-split", "interleaved"])
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+@pytest.mark.parametrize(("device", "dtype"), device_dtype_params(("bf16", "fp32")))
+def test_tables_of_one_angle_per_pair(device: str, dtype: torch.dtype, unsqueeze_dim: int, interleaved: bool) -> None:
+    # cos/sin (batch, seq, head_dim / 2) as GPT-OSS's rotary embedding makes them: every feature
+    # rotated, each pair by its one column; the op reads such tables as they are.
+    from rope_kernels.hf_interleaved import fused_interleaved_pos_emb
+
+    fused = fused_interleaved_pos_emb if interleaved else rope_kernels.hf_compat.fused_rotary_pos_emb
+    batch, seq, heads_q, heads_k, head_dim = 2, 9, 4, 2, 64
+    shape = (lambda h: (batch, h, seq, head_dim)) if unsqueeze_dim == 1 else (lambda h: (batch, seq, h, head_dim))
+    q = torch.randn(shape(heads_q), device=device).to(dtype)
+    k = torch.randn(shape(heads_k), device=device).to(dtype)
+    angles = torch.rand(batch, seq, head_dim // 2, device=device) * 6
+    cos, sin = angles.cos(), angles.sin()
+    got = fused(q, k, cos, sin, None, unsqueeze_dim, True, one_angle_per_pair=True)
+    assert got is not None
+    for out, x in zip(got, (q, k)):
+        assert out.dtype == dtype and out.shape == x.shape
+        expected = _one_angle_per_pair_reference(x, cos, sin, unsqueeze_dim, interleaved)
+        torch.testing.assert_close(out.double(), expected, **tolerance(dtype))
+    # Tables of another width are not of this form: left to the caller's own function.
+    assert fused(q, k, cos[..., :16], sin[..., :16], None, unsqueeze_dim, True, one_angle_per_pair=True) is None

@@ -161,8 +161,10 @@ def test_modules_imported_after_the_patch_are_patched_as_they_load() -> None:
     loaded_before, patched, cohere, after_undo = out.strip().splitlines()
     assert loaded_before == "[]"
     assert patched == "('transformers.models.qwen3.modeling_qwen3',)"
-    # Cohere rotates interleaved pairs: found to differ, left alone, with the reason.
-    assert "modeling_cohere: left alone: the op's result differs from its apply_rotary_pos_emb" in cohere
+    # Cohere rotates interleaved pairs by tables it reads per feature: found to differ in every
+    # convention, left alone, with the reason.
+    assert ("modeling_cohere: left alone: no convention of the op gives its apply_rotary_pos_emb: with "
+            "half-split pairs, q off by") in cohere
     assert after_undo == "() transformers.models.qwen3.modeling_qwen3"
 
 
@@ -177,7 +179,9 @@ def test_dry_run_reports_every_modeling_module_and_changes_nothing() -> None:
     # GLM pairs the features interleaved: patched with the op's interleaved=True. Cohere's pairs are
     # interleaved too, but it reads its tables per feature (repeated angles): left alone.
     assert status["glm"].patched and status["glm"].convention == "`fused_qk(..., interleaved=True)`"
-    assert not status["cohere"].patched and "differs" in status["cohere"].reason
+    assert not status["cohere"].patched and "no convention of the op gives" in status["cohere"].reason
+    # GPT-OSS's tables hold one angle per pair (head_dim / 2 columns), as the op reads them.
+    assert status["gpt_oss"].patched and status["gpt_oss"].convention == "`fused_qk` (cos/sin of head_dim / 2)"
     assert all(s.reason for s in handle.report)
     handle.undo()  # a dry run has nothing to undo
     assert rope_kernels.patched_modules() == ()
@@ -250,9 +254,9 @@ def test_a_module_is_patched_by_what_its_function_computes() -> None:
                 for a, b in zip(got, function(q, k, cos, sin)):
                     torch.testing.assert_close(a, b)
             assert module.apply_rotary_pos_emb is function
-        with pytest.raises(ValueError, match=r"left alone: the op's result differs from its apply_rotary_pos_emb: "
-                                             r"with half-split pairs, on the per-token \(B, H, S, D\) call q off by "
-                                             r".*; with interleaved pairs, on the per-token"):
+        with pytest.raises(ValueError, match=r"left alone: no convention of the op gives its apply_rotary_pos_emb: "
+                                             r"with half-split pairs, q off by up to .* on the per-token \(B, H, S, D\) "
+                                             r"call; with interleaved pairs, q off by up to"):
             rope_kernels.patch_transformers(per_feature_module)
         with pytest.raises(ValueError, match=r"does not have transformers' signature"):
             rope_kernels.patch_transformers(other_module)

@@ -85,11 +85,14 @@ def fused_rotary_pos_emb(
     position_ids: Optional[torch.Tensor] = None,
     unsqueeze_dim: int = 1,
     keep_dtype: bool = False,
+    one_angle_per_pair: bool = False,
 ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """``apply_rotary_pos_emb``'s result from the fused op, or None for inputs the op does not
     serve (see the module documentation). The result is in the dtype transformers' formula gives
     (q's promoted with the tables'), or with ``keep_dtype`` in q's dtype, as the modeling modules
-    that cast their result back to q's dtype return it."""
+    that cast their result back to q's dtype return it. ``one_angle_per_pair``: cos/sin hold each
+    pair's angle once, ``head_dim / 2`` columns for every feature, as GPT-OSS's rotary embedding
+    makes them, rather than twice."""
     heads_first = unsqueeze_dim == 1 or unsqueeze_dim == -3
     if not heads_first and not (unsqueeze_dim == 2 or unsqueeze_dim == -2):
         return None
@@ -101,6 +104,10 @@ def fused_rotary_pos_emb(
     batch, seq = q.size(0), q.size(seq_dim)
     width = cos.size(-1)
     dtype = q.dtype if keep_dtype else formula_dtype(q, cos, sin)
+    if one_angle_per_pair:
+        if 2 * width != q.size(-1):
+            return None
+        width = q.size(-1)  # the features rotated
     if width % 2 != 0 or width == 0 or width > q.size(-1) or not _table_form(cos, batch, seq) \
             or not op_takes(q, k, cos, sin, seq_dim, dtype):
         return None
@@ -114,7 +121,8 @@ def fused_rotary_pos_emb(
         positions = token_positions(position_ids, batch, seq, q.device, "rope_kernels.apply_rotary_pos_emb",
                                     "position_ids")
     # The first `width` features are rotated (all of them, or Phi-3's partial rotary); the op copies
-    # the rest in the same pass. cos/sin are their full-width table, of which it reads the first half.
+    # the rest in the same pass. cos/sin are their full-width table, of which it reads the first half
+    # (or, one angle per pair, all of it).
     rotary_dim: Optional[int] = None
     if width != q.size(-1):
         rotary_dim = width

@@ -12,8 +12,9 @@ the op gives the function's own result, forward and backward, in every form the 
 with (per-token and shared angles, (B, H, S, D) and (B, S, H, D) tensors, a rotated width below
 head_dim, the result's dtype), in one of the pair conventions of transformers' functions: Llama's
 half-split pairs, or GLM's interleaved pairs (``interleaved=True``; GLM, Helium, ERNIE 4.5,
-Moonshine). A module whose function computes something else (another convention, tables of
-another form) is left alone, and the reason is reported (``TransformersPatch.report``,
+Moonshine), each with transformers' tables (each angle twice) or with one angle per pair (GPT-OSS).
+A module whose function computes something else (another convention, tables of another form) is
+left alone, and the reason is reported (``TransformersPatch.report``,
 ``patch_transformers(dry_run=True)``).
 
 ``patch_transformers()`` patches the modeling modules already imported and, through an import
@@ -298,19 +299,49 @@ def _parameters(original: Any) -> Optional[Tuple[str, ...]]:
     return names
 
 
+def _same_tables(table: torch.Tensor) -> torch.Tensor:
+    return table
+
+
+def _one_angle_per_pair(table: torch.Tensor) -> torch.Tensor:
+    # transformers' tables hold each angle twice (cat(freqs, freqs)): the first half, once each.
+    return table[..., : table.shape[-1] // 2]
+
+
+def _half_split_one_angle_per_pair(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                                   position_ids: Optional[torch.Tensor] = None, unsqueeze_dim: int = 1,
+                                   keep_dtype: bool = False) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    return fused_rotary_pos_emb(q, k, cos, sin, position_ids, unsqueeze_dim, keep_dtype, one_angle_per_pair=True)
+
+
+def _interleaved_one_angle_per_pair(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                                    position_ids: Optional[torch.Tensor] = None, unsqueeze_dim: int = 1,
+                                    keep_dtype: bool = False) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    return fused_interleaved_pos_emb(q, k, cos, sin, position_ids, unsqueeze_dim, keep_dtype, one_angle_per_pair=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Convention:
-    """One way transformers' functions pair the features, and the op call that computes it: `fused`
-    takes the function's arguments and keep_dtype, and returns None where the op does not serve them."""
+    """One way transformers' functions pair the features and shape the tables their rotary
+    embeddings pass, and the op call that computes it: `fused` takes the function's arguments and
+    keep_dtype, and returns None where the op does not serve them; `tables` turns the proof's
+    transformers-form tables (each angle twice) into the form this convention's models pass."""
 
     name: str  # in reasons: "half-split pairs"
     arguments: str  # the op's arguments, for the families table
     fused: Callable[..., Optional[Tuple[torch.Tensor, torch.Tensor]]]
+    tables: Callable[[torch.Tensor], torch.Tensor] = _same_tables
 
 
 _CONVENTIONS = (
     _Convention("half-split pairs", "`fused_qk`", fused_rotary_pos_emb),
     _Convention("interleaved pairs", "`fused_qk(..., interleaved=True)`", fused_interleaved_pos_emb),
+    # GPT-OSS and OpenAI's privacy filter: cos/sin of head_dim / 2 columns, one angle per pair,
+    # which the op reads as they are.
+    _Convention("half-split pairs and one angle per pair", "`fused_qk` (cos/sin of head_dim / 2)",
+                _half_split_one_angle_per_pair, _one_angle_per_pair),
+    _Convention("interleaved pairs and one angle per pair", "`fused_qk(..., interleaved=True)` (cos/sin of head_dim / 2)",
+                _interleaved_one_angle_per_pair, _one_angle_per_pair),
 )
 
 
@@ -323,45 +354,42 @@ def _prove(original: Any) -> Tuple[Optional[bool], Optional[_Convention], str]:
         return None, None, (f"its {_FUNCTION} does not have transformers' signature "
                             "(q, k, cos, sin[, position_ids=None], unsqueeze_dim=1)")
     takes_position_ids = _SIGNATURES[names]
-    cases = _proof_cases(takes_position_ids)
-    try:
-        out_dtype = original(*cases["bfloat16-q-and-float32-angles"].args())[0].dtype
-    except Exception as error:  # noqa: BLE001
-        return None, None, f"its {_FUNCTION} raised on a (B, H, S, D) call ({type(error).__name__}: {error})"
-    if out_dtype not in (torch.bfloat16, torch.float32):
-        return None, None, f"its {_FUNCTION} returns {out_dtype} for bfloat16 q and float32 cos/sin"
-    keep_dtype = out_dtype == torch.bfloat16
-    expected: Dict[str, List[torch.Tensor]] = {}
-    for name, case in cases.items():
-        try:
-            expected[name] = _forward_and_grads(original, case)
-        except Exception as error:  # noqa: BLE001
-            if not case.optional:
-                return None, None, f"its {_FUNCTION} raised on the {name} call ({type(error).__name__}: {error})"
-            # A form the function does not take: the model never passes it.
     problems = []
     for convention in _CONVENTIONS:
-        problem = _convention_problem(original, convention, takes_position_ids, keep_dtype, cases, expected)
+        cases = {name: case.with_tables(convention.tables) for name, case in _proof_cases(takes_position_ids).items()}
+        keep_dtype, problem = _prove_convention(original, convention, takes_position_ids, cases)
         if problem is None:
             return keep_dtype, convention, (f"the op computes its {_FUNCTION} with {convention.name}, forward and "
                                             "backward" + (" (result in q's dtype)" if keep_dtype else ""))
         problems.append(f"with {convention.name}, {problem}")
-    return None, None, f"the op's result differs from its {_FUNCTION}: " + "; ".join(problems)
+    return None, None, f"no convention of the op gives its {_FUNCTION}: " + "; ".join(problems)
 
 
-def _convention_problem(original: Any, convention: _Convention, takes_position_ids: bool, keep_dtype: bool,
-                        cases: Dict[str, "_Case"], expected: Dict[str, List[torch.Tensor]]) -> Optional[str]:
-    """Where the op in this convention does not give the function's result (None: nowhere)."""
+def _prove_convention(original: Any, convention: _Convention, takes_position_ids: bool,
+                      cases: Dict[str, "_Case"]) -> Tuple[bool, Optional[str]]:
+    """(keep_dtype, None) where the op in this convention gives the function's result in every
+    case the function takes, (False, what differs) otherwise."""
+    try:
+        out_dtype = original(*cases["bfloat16-q-and-float32-angles"].args())[0].dtype
+    except Exception as error:  # noqa: BLE001
+        return False, f"its {_FUNCTION} raised on a (B, H, S, D) call ({type(error).__name__}: {error})"
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        return False, f"its {_FUNCTION} returns {out_dtype} for bfloat16 q and float32 cos/sin"
+    keep_dtype = out_dtype == torch.bfloat16
     replacement = _replacement(original, convention, takes_position_ids, keep_dtype)
     for name, case in cases.items():
-        if name not in expected:
-            continue
+        try:
+            expected = _forward_and_grads(original, case)
+        except Exception as error:  # noqa: BLE001
+            if case.optional:
+                continue  # a form the function does not take: the model never passes it
+            return False, f"its {_FUNCTION} raised on the {name} call ({type(error).__name__}: {error})"
         if convention.fused(*case.fused_args(), keep_dtype=keep_dtype) is None:
-            return f"the op does not serve its {name} call"
-        problem = _difference(_forward_and_grads(replacement, case), expected[name], case)
+            return False, f"the op does not serve its {name} call"
+        problem = _difference(_forward_and_grads(replacement, case), expected, case)
         if problem is not None:
-            return f"on the {name} call {problem}"
-    return None
+            return False, f"{problem} on the {name} call"
+    return keep_dtype, None
 
 
 @dataclasses.dataclass
@@ -380,6 +408,9 @@ class _Case:
 
     def fused_args(self) -> Tuple[Any, ...]:
         return (self.q, self.k, self.cos, self.sin, self.position_ids, self.unsqueeze_dim)
+
+    def with_tables(self, form: Callable[[torch.Tensor], torch.Tensor]) -> "_Case":
+        return dataclasses.replace(self, cos=form(self.cos), sin=form(self.sin))
 
 
 def _angles(rows: int, width: int, generator: torch.Generator, dtype: torch.dtype
