@@ -1,4 +1,4 @@
-"""How rope::fused_qk and rope::fused_qk_backward take DTensors: their sharding rule.
+"""How rope::fused_qk, rope::fused_qk_backward and the in-place rope::fused_qk_ take DTensors.
 
 This module imports torch.distributed.tensor (over a second of import time), so the package loads
 it only once DTensor is in use (see _dtensor_hook).
@@ -18,6 +18,12 @@ RoPE rotates each head vector of each token on its own, by the angle of that tok
 
 Where each role sits in q and k depends on the layout: (B, H, S, D) for "bhsd", (B, S, H, D) for
 "bshd", and (T, H, D) for packed "thd", which has no batch dimension.
+
+The in-place op takes the same shardings, by a handler of its own: DTensor's in-place path serves
+ops that mutate and return one argument, and fused_qk_ mutates and returns two. q and k are
+rotated where they lie, so their sharding must be one of the rule's as it is (nothing can gather
+them and still rotate them in place); the other arguments are redistributed to what that sharding
+needs, as DTensor does for the out-of-place op.
 """
 from __future__ import annotations
 
@@ -124,9 +130,50 @@ def rope_shardings(q: object, k: object, cos: object, sin: object, positions: Op
     return rows
 
 
+_INPLACE_OP = "rope::fused_qk_"
+
+
+def _inplace_rotation(op_call: object, args: Tuple[object, ...], kwargs: Dict[str, object]) -> object:
+    """rope::fused_qk_ on DTensors: each rank rotates its pieces of q and k in place, under a
+    sharding of the rule found for each mesh dimension; returns q and k, their placements as they were."""
+    q, k, cos, sin = args[:4]
+    positions = args[4] if len(args) > 4 else kwargs.get("positions")
+    options = {name: value for name, value in kwargs.items() if name != "positions"}
+    if not isinstance(q, DTensor) or not isinstance(k, DTensor):
+        raise RuntimeError(f"{_INPLACE_OP}: q and k must both be DTensors when one argument is")
+    mesh = q.device_mesh
+    others = [cos, sin, positions, options.get("cu_seqlens"), options.get("seqlen_offsets")]
+    needed: List[List[Placement]] = [[] for _ in others]
+    for dim in range(mesh.ndim):
+        placed = [q.placements[dim], k.placements[dim]]
+        rows = [inputs for outputs, inputs in rope_shardings(q, k, cos, sin, positions, **options)
+                if list(inputs[:2]) == placed]
+        if not rows:
+            raise RuntimeError(
+                f"{_INPLACE_OP}: q and k placed as {placed[0]} and {placed[1]} on mesh dimension {dim} cannot be "
+                "rotated in place: the op rotates q and k sharded over batch or heads, or over the tokens "
+                "with positions (and no cu_seqlens); fused_qk, out of place, takes any sharding")
+        for i, placement in enumerate(rows[0][2:]):
+            if placement is not None:
+                needed[i].append(placement)
+
+    def local(t: object, placements: List[Placement]) -> object:
+        if not isinstance(t, DTensor):
+            return t  # None, or a plain tensor DTensor's own checks let through
+        return t.redistribute(mesh, placements).to_local()
+
+    cos_l, sin_l, positions_l, cu_seqlens_l, offsets_l = (local(t, p) for t, p in zip(others, needed))
+    if "cu_seqlens" in options:
+        options["cu_seqlens"] = cu_seqlens_l
+    if "seqlen_offsets" in options:
+        options["seqlen_offsets"] = offsets_l
+    torch.ops.rope.fused_qk_(q.to_local(), k.to_local(), cos_l, sin_l, positions_l, **options)
+    return q, k
+
+
 def register() -> None:
-    """Register rope_shardings for both ops with DTensor (registering again replaces it, for the
-    calls whose sharding DTensor has not cached yet).
+    """Register rope_shardings for both out-of-place ops with DTensor (registering again replaces
+    it, for the calls whose sharding DTensor has not cached yet), and the in-place op's handler.
 
     DTensor caches the sharding it picks for an op, keyed by the specs of the tensor arguments and
     by the arguments its schema info names; register_sharding names the int options only. The
@@ -137,7 +184,9 @@ def register() -> None:
     ops = [torch.ops.rope.fused_qk.default, torch.ops.rope.fused_qk_backward.default]
     # Looked up first: where this private attribute is missing, nothing gets registered at all.
     schema_infos = DTensor._op_dispatcher.sharding_propagator.op_to_schema_info
+    handlers = DTensor._op_dispatcher._custom_op_handlers
     register_sharding(ops)(rope_shardings)
     for op in ops:
         options = [argument.name for argument in op._schema.arguments if argument.kwarg_only]
         schema_infos[op] = dataclasses.replace(schema_infos[op], static_kwargkey=options)
+    handlers[torch.ops.rope.fused_qk_.default] = _inplace_rotation

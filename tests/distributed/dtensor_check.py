@@ -6,6 +6,8 @@
 1. fused_qk and its backward on q/k sharded over batch, heads or sequence (cos/sin replicated,
    positions sharded like the tokens): values and gradients equal the float64 reference and the
    op on the unsharded tensors, and the outputs keep the inputs' sharding (no gathering).
+   The in-place fused_qk_ on the same shardings: q and k rotated where they lie, their placements
+   kept, gradients through it; a sharding it cannot rotate in place refused with the op's message.
 2. Tensor parallelism of an attention block (projections split by heads): the same output and
    input gradient as the block on one process.
 Exit status 0 when every check passes; rank 0 prints one line per check.
@@ -126,6 +128,39 @@ def check_sharded_op(mesh: DeviceMesh, device: str, dtype: torch.dtype, sharding
         assert_close_to_reference(grad.full_tensor(), ref, dtype)
 
 
+def check_inplace_op(mesh: DeviceMesh, device: str, dtype: torch.dtype, sharding: Sharding, positions: str,
+                     seed: int) -> None:
+    torch.manual_seed(seed)
+    case = RopeCase(batch=3, heads_q=4, heads_k=2, seq=7, head_dim=32, dtype=dtype, layout="bshd", positions=positions)
+    args = make_args(case, device)
+    grads = make_args(case, device)
+    q_leaf = distribute_tensor(args.q, mesh, [sharding.q]).requires_grad_()
+    k_leaf = distribute_tensor(args.k, mesh, [sharding.k]).requires_grad_()
+    cos, sin = (distribute_tensor(t, mesh, [R]) for t in (args.cos, args.sin))
+    pos = None if args.positions is None else distribute_tensor(args.positions, mesh,
+                                                                [positions_placement(sharding, positions)])
+    q, k = q_leaf * 1, k_leaf * 1  # non-leaf copies, which autograd lets the op rotate in place
+    if expected_outputs(sharding, positions) is None:
+        try:
+            torch.ops.rope.fused_qk_(q, k, cos, sin, pos)
+        except RuntimeError as error:
+            assert "rope::fused_qk_: q and k placed as" in str(error) and "cannot be rotated in place" in str(error), error
+            return
+        raise AssertionError(f"{sharding.name} without positions was rotated in place")
+    before = (tuple(q.placements), tuple(k.placements))
+    q_out, k_out = torch.ops.rope.fused_qk_(q, k, cos, sin, pos)
+    assert q_out is q and k_out is k, "the in-place op returns its q and k"
+    assert (tuple(q.placements), tuple(k.placements)) == before, f"placements changed from {before}"
+    for out, ref in zip((q, k), reference_fused_qk(args)):
+        assert_close_to_reference(out.full_tensor(), ref, dtype)
+    grad_q_out = distribute_tensor(grads.q, mesh, q.placements)
+    grad_k_out = distribute_tensor(grads.k, mesh, k.placements)
+    grad_q, grad_k = torch.autograd.grad((q, k), (q_leaf, k_leaf), (grad_q_out, grad_k_out))
+    reference = reference_fused_qk(grads._replace(cos=args.cos, sin=args.sin, positions=args.positions), inverse=True)
+    for grad, ref in zip((grad_q, grad_k), reference):
+        assert_close_to_reference(grad.full_tensor(), ref, dtype)
+
+
 def check_tensor_parallel_attention(mesh: DeviceMesh, device: str, dtype: torch.dtype) -> None:
     """Heads split over the ranks (q/k/v projections by columns, the output one by rows): the op
     sees each rank's heads; the result is the one-process block's."""
@@ -193,6 +228,9 @@ def main(argv: Optional[List[str]] = None) -> NoReturn:
             for positions, table_leading in PER_SEQUENCE_TABLE_CASES:
                 seed += 1
                 check_sharded_op(mesh, device, dtype, sharding, positions, True, seed, table_leading)
+            for positions in POSITIONS:
+                seed += 1
+                check_inplace_op(mesh, device, dtype, sharding, positions, seed)
             report(f"dtensor {str(dtype).replace('torch.', '')} {sharding.name}: ok")
     # Whole-model checks in full precision (float32 on a GPU, TF32 off): the split matmuls differ
     # from the whole ones only by summation order.
