@@ -161,6 +161,31 @@ def check_inplace_op(mesh: DeviceMesh, device: str, dtype: torch.dtype, sharding
         assert_close_to_reference(grad.full_tensor(), ref, dtype)
 
 
+def check_inplace_packed(mesh: DeviceMesh, device: str, dtype: torch.dtype) -> None:
+    """Packed documents (T, H, D), interleaved pairs, in place: a head split is rotated where it
+    lies; a token split with cu_seqlens is refused (its local token indices miss the boundaries)."""
+    torch.manual_seed(7)
+    q = torch.randn(13, 4, 32, device=device, dtype=dtype)
+    k = torch.randn(13, 2, 32, device=device, dtype=dtype)
+    cos, sin = torch.randn(40, 16, device=device), torch.randn(40, 16, device=device)
+    cu_seqlens = torch.tensor([0, 5, 13], device=device, dtype=torch.int32)
+    options = {"layout": "thd", "interleaved": True}
+    expected = torch.ops.rope.fused_qk(q, k, cos, sin, cu_seqlens=cu_seqlens, **options)
+    whole = [distribute_tensor(t, mesh, [R]) for t in (cos, sin, cu_seqlens)]
+    q_dt, k_dt = (distribute_tensor(t.clone(), mesh, [Shard(1)]) for t in (q, k))
+    torch.ops.rope.fused_qk_(q_dt, k_dt, whole[0], whole[1], cu_seqlens=whole[2], **options)
+    assert tuple(q_dt.placements) == (Shard(1),) and tuple(k_dt.placements) == (Shard(1),)
+    for got, want in zip((q_dt, k_dt), expected):
+        torch.testing.assert_close(got.full_tensor(), want, **within_one_rounding(dtype))
+    q_dt, k_dt = (distribute_tensor(t.clone(), mesh, [Shard(0)]) for t in (q, k))
+    try:
+        torch.ops.rope.fused_qk_(q_dt, k_dt, whole[0], whole[1], cu_seqlens=whole[2], **options)
+    except RuntimeError as error:
+        assert "cannot be rotated in place" in str(error), error
+        return
+    raise AssertionError("a token split with cu_seqlens was rotated in place")
+
+
 def check_tensor_parallel_attention(mesh: DeviceMesh, device: str, dtype: torch.dtype) -> None:
     """Heads split over the ranks (q/k/v projections by columns, the output one by rows): the op
     sees each rank's heads; the result is the one-process block's."""
@@ -232,6 +257,8 @@ def main(argv: Optional[List[str]] = None) -> NoReturn:
                 seed += 1
                 check_inplace_op(mesh, device, dtype, sharding, positions, seed)
             report(f"dtensor {str(dtype).replace('torch.', '')} {sharding.name}: ok")
+        check_inplace_packed(mesh, device, dtype)
+        report(f"dtensor {str(dtype).replace('torch.', '')} packed tokens in place: ok")
     # Whole-model checks in full precision (float32 on a GPU, TF32 off): the split matmuls differ
     # from the whole ones only by summation order.
     torch.backends.cuda.matmul.allow_tf32 = False
