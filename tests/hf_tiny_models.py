@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import inspect
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -45,12 +46,16 @@ FAMILY_SIZES: Dict[str, Any] = dict(
     v_head_dim=16, n_group=1, topk_group=1, num_kv_heads=2, ffn_hidden_size=128, sliding_window=64,
     attention_chunk_size=64, mamba_d_state=8, mamba_n_heads=8, mamba_d_head=16, mamba_headdim=16,
     mamba_d_conv=4, mamba_expand=2, mamba_n_groups=1,
+    # Gemma 3n's and Gemma 4's per-layer input embeddings, 262,144 rows by default.
+    vocab_size_per_layer_input=TINY["vocab_size"],
     # The RoPE of apply_rotary_pos_emb where a family has others: half-split pairs in DeepSeek-V3's
     # attention (its interleaved weights take another function), rotary positions in Granite 4's.
     rope_interleave=False, position_embedding_type="rope")
 # What a family needs beyond that, by model type.
 FAMILY_OVERRIDES: Dict[str, Dict[str, Any]] = {
     "bamba": {"attn_layer_indices": [1]},
+    # Gemma 3n: its last layers reuse earlier layers' KV; with two layers none can.
+    "gemma3n_text": {"num_kv_shared_layers": 0},
     "dbrx": {"d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 128,
              "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
              "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}},
@@ -123,11 +128,16 @@ def rope_rounded_once(module_name: str) -> Iterator[None]:
     module = importlib.import_module(module_name)
     original = module.apply_rotary_pos_emb
 
-    def rounded_once(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *args: Any,
-                     **kwargs: Any) -> Any:
+    # Pairs (q, k, cos, sin, ...) or one tensor (x, cos, sin, ...) as Gemma 3n's and Gemma 4's.
+    rotated = 1 if next(iter(inspect.signature(original).parameters)) == "x" else 2
+
+    def rounded_once(*args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
-            dtypes = [t.dtype for t in original(q, k, cos, sin, *args, **kwargs)]
-        wide = original(q.float(), k.float(), cos.float(), sin.float(), *args, **kwargs)
+            out = original(*args, **kwargs)
+        dtypes = [t.dtype for t in (out if rotated == 2 else (out,))]
+        wide = original(*(a.float() if i < rotated + 2 else a for i, a in enumerate(args)), **kwargs)
+        if rotated == 1:
+            return wide.to(dtypes[0])
         return tuple(t.to(dtype) for t, dtype in zip(wide, dtypes))
 
     module.apply_rotary_pos_emb = rounded_once

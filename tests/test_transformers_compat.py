@@ -215,6 +215,12 @@ def interleaved_copy(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     return q * cos + _rotate_pairs(q) * sin, k * cos + _rotate_pairs(k) * sin
 
 
+def one_tensor_copy(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1) -> Any:
+    # Gemma 3n's and Gemma 4's: one tensor per call (q and k by two calls).
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return x * cos + _rotate_half(x) * sin
+
+
 def per_feature_tables_copy(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                             unsqueeze_dim: int = 1) -> Any:
     # Cohere's: interleaved pairs, each feature multiplied by its own column of the tables.
@@ -261,6 +267,18 @@ def test_a_module_is_patched_by_what_its_function_computes() -> None:
         with pytest.raises(ValueError, match=r"does not have transformers' signature"):
             rope_kernels.patch_transformers(other_module)
         assert per_feature_module.apply_rotary_pos_emb is per_feature_tables_copy
+        one_tensor_module = _fake_modeling_module("ropetest_one_tensor", one_tensor_copy)
+        names.append("ropetest_one_tensor")
+        with rope_kernels.patch_transformers(one_tensor_module) as handle:
+            assert handle.report[0].convention == "`fused`, for q and k by their two calls"
+            for x, unsqueeze_dim in ((q, 1), (k.transpose(1, 2), 2)):  # (B, H, S, D), and (B, S, H, D)
+                counter = OpCounter()
+                with counter:
+                    got = one_tensor_module.apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=unsqueeze_dim)
+                # rope::fused is the pair kernel over x alone: one fused_qk launch per call.
+                assert counter.calls.count(torch.ops.rope.fused_qk.default) == 1
+                torch.testing.assert_close(got, one_tensor_copy(x, cos, sin, unsqueeze_dim))
+        assert one_tensor_module.apply_rotary_pos_emb is one_tensor_copy
         # patch_transformers() patches every loaded module that it proves, and only those.
         handle = rope_kernels.patch_transformers()
         assert copy_module.__name__ in handle.modules and interleaved_module.__name__ in handle.modules

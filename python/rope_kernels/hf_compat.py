@@ -77,22 +77,19 @@ def _table_form(cos: torch.Tensor, batch: int, seq: int) -> bool:
     return True
 
 
-def fused_rotary_pos_emb(
+def _op_call(
     q: torch.Tensor,
     k: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    position_ids: Optional[torch.Tensor] = None,
-    unsqueeze_dim: int = 1,
-    keep_dtype: bool = False,
-    one_angle_per_pair: bool = False,
-) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """``apply_rotary_pos_emb``'s result from the fused op, or None for inputs the op does not
-    serve (see the module documentation). The result is in the dtype transformers' formula gives
-    (q's promoted with the tables'), or with ``keep_dtype`` in q's dtype, as the modeling modules
-    that cast their result back to q's dtype return it. ``one_angle_per_pair``: cos/sin hold each
-    pair's angle once, ``head_dim / 2`` columns for every feature, as GPT-OSS's rotary embedding
-    makes them, rather than twice."""
+    position_ids: Optional[torch.Tensor],
+    unsqueeze_dim: int,
+    keep_dtype: bool,
+    one_angle_per_pair: bool,
+) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor],
+                    Optional[int], str]]:
+    """The op's arguments for transformers' call (q, k, cos, sin, positions, rotary_dim, layout),
+    or None for inputs the op does not serve. Shared by the pair and the one-tensor forms."""
     heads_first = unsqueeze_dim == 1 or unsqueeze_dim == -3
     if not heads_first and not (unsqueeze_dim == 2 or unsqueeze_dim == -2):
         return None
@@ -126,8 +123,47 @@ def fused_rotary_pos_emb(
     rotary_dim: Optional[int] = None
     if width != q.size(-1):
         rotary_dim = width
-    return torch.ops.rope.fused_qk(q, k, cos, sin, positions, rotary_dim=rotary_dim,
-                                   layout="bhsd" if heads_first else "bshd")
+    return q, k, cos, sin, positions, rotary_dim, "bhsd" if heads_first else "bshd"
+
+
+def fused_rotary_pos_emb(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: Optional[torch.Tensor] = None,
+    unsqueeze_dim: int = 1,
+    keep_dtype: bool = False,
+    one_angle_per_pair: bool = False,
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``apply_rotary_pos_emb``'s result from the fused op, or None for inputs the op does not
+    serve (see the module documentation). The result is in the dtype transformers' formula gives
+    (q's promoted with the tables'), or with ``keep_dtype`` in q's dtype, as the modeling modules
+    that cast their result back to q's dtype return it. ``one_angle_per_pair``: cos/sin hold each
+    pair's angle once, ``head_dim / 2`` columns for every feature, as GPT-OSS's rotary embedding
+    makes them, rather than twice."""
+    call = _op_call(q, k, cos, sin, position_ids, unsqueeze_dim, keep_dtype, one_angle_per_pair)
+    if call is None:
+        return None
+    q, k, cos, sin, positions, rotary_dim, layout = call
+    return torch.ops.rope.fused_qk(q, k, cos, sin, positions, rotary_dim=rotary_dim, layout=layout)
+
+
+def fused_rotary_pos_emb_one(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    unsqueeze_dim: int = 1,
+    keep_dtype: bool = False,
+) -> Optional[torch.Tensor]:
+    """The one-tensor ``apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim)`` of Gemma 3n and Gemma 4
+    (q and k rotated by separate calls) from the fused op (``rope::fused``), or None for inputs
+    the op does not serve; otherwise as ``fused_rotary_pos_emb``."""
+    call = _op_call(x, x, cos, sin, None, unsqueeze_dim, keep_dtype, False)
+    if call is None:
+        return None
+    x, _, cos, sin, positions, rotary_dim, layout = call
+    return torch.ops.rope.fused(x, cos, sin, positions, rotary_dim=rotary_dim, layout=layout)
 
 
 def apply_rotary_pos_emb(

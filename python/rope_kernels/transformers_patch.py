@@ -12,7 +12,9 @@ the op gives the function's own result, forward and backward, in every form the 
 with (per-token and shared angles, (B, H, S, D) and (B, S, H, D) tensors, a rotated width below
 head_dim, the result's dtype), in one of the pair conventions of transformers' functions: Llama's
 half-split pairs, or GLM's interleaved pairs (``interleaved=True``; GLM, Helium, ERNIE 4.5,
-Moonshine), each with transformers' tables (each angle twice) or with one angle per pair (GPT-OSS).
+Moonshine), each with transformers' tables (each angle twice) or with one angle per pair (GPT-OSS);
+a one-tensor function ``(x, cos, sin, unsqueeze_dim)`` (Gemma 3n, Gemma 4) is proven on q and k
+through two calls and served by ``rope::fused``.
 A module whose function computes something else (another convention, tables of another form) is
 left alone, and the reason is reported (``TransformersPatch.report``,
 ``patch_transformers(dry_run=True)``).
@@ -41,7 +43,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
-from .hf_compat import fused_rotary_pos_emb
+from .hf_compat import fused_rotary_pos_emb, fused_rotary_pos_emb_one
 from .hf_interleaved import fused_interleaved_pos_emb
 
 _FUNCTION = "apply_rotary_pos_emb"
@@ -264,8 +266,9 @@ def _examine(module_name: str) -> Optional[ModuleStatus]:
     if cached is not None and cached[0] is original:
         return cached[1]
     keep_dtype, convention, reason = _prove(original)
-    status = ModuleStatus(module_name, convention is not None, reason, bool(keep_dtype),
-                          convention.arguments if convention is not None else "")
+    one_tensor = _SIGNATURES[names].one_tensor if (names := _parameters(original)) is not None else False
+    arguments = "" if convention is None else convention.arguments_one if one_tensor else convention.arguments
+    status = ModuleStatus(module_name, convention is not None, reason, bool(keep_dtype), arguments)
     _examined[module_name] = (original, status)
     return status
 
@@ -280,8 +283,15 @@ def _calls_the_function(module: types.ModuleType) -> bool:
     return re.search(rf"(?<!def ){_FUNCTION}\(", source) is not None
 
 
-_SIGNATURES = {("q", "k", "cos", "sin", "unsqueeze_dim"): False,  # transformers 5.x
-               ("q", "k", "cos", "sin", "position_ids", "unsqueeze_dim"): True}  # 4.x
+@dataclasses.dataclass(frozen=True)
+class _Signature:
+    one_tensor: bool  # (x, cos, sin, ...): q and k rotated by separate calls (Gemma 3n, Gemma 4)
+    position_ids: bool  # position_ids before unsqueeze_dim (transformers 4.x)
+
+
+_SIGNATURES = {("q", "k", "cos", "sin", "unsqueeze_dim"): _Signature(False, False),  # transformers 5.x
+               ("q", "k", "cos", "sin", "position_ids", "unsqueeze_dim"): _Signature(False, True),  # 4.x
+               ("x", "cos", "sin", "unsqueeze_dim"): _Signature(True, False)}
 
 
 def _parameters(original: Any) -> Optional[Tuple[str, ...]]:
@@ -331,10 +341,15 @@ class _Convention:
     arguments: str  # the op's arguments, for the families table
     fused: Callable[..., Optional[Tuple[torch.Tensor, torch.Tensor]]]
     tables: Callable[[torch.Tensor], torch.Tensor] = _same_tables
+    # The one-tensor form (x, cos, sin, unsqueeze_dim, keep_dtype) -> Optional[Tensor], where the
+    # convention has one, and its op's arguments; None: one-tensor functions are not tried in it.
+    fused_one: Optional[Callable[..., Optional[torch.Tensor]]] = None
+    arguments_one: str = ""
 
 
 _CONVENTIONS = (
-    _Convention("half-split pairs", "`fused_qk`", fused_rotary_pos_emb),
+    _Convention("half-split pairs", "`fused_qk`", fused_rotary_pos_emb, fused_one=fused_rotary_pos_emb_one,
+                arguments_one="`fused`, for q and k by their two calls"),
     _Convention("interleaved pairs", "`fused_qk(..., interleaved=True)`", fused_interleaved_pos_emb),
     # GPT-OSS and OpenAI's privacy filter: cos/sin of head_dim / 2 columns, one angle per pair,
     # which the op reads as they are.
@@ -348,16 +363,21 @@ _CONVENTIONS = (
 def _prove(original: Any) -> Tuple[Optional[bool], Optional[_Convention], str]:
     """(keep_dtype, convention, why) where the op computes the function, (None, None, why not)
     otherwise. The conventions are tried in turn; the first that gives the function's result in
-    every form it is called with is taken."""
+    every form it is called with is taken. A one-tensor function is proven on q and k through two
+    calls, as attention layers make them."""
     names = _parameters(original)
     if names is None:
         return None, None, (f"its {_FUNCTION} does not have transformers' signature "
-                            "(q, k, cos, sin[, position_ids=None], unsqueeze_dim=1)")
-    takes_position_ids = _SIGNATURES[names]
+                            "(q, k, cos, sin[, position_ids=None], unsqueeze_dim=1), or the one-tensor "
+                            "(x, cos, sin, unsqueeze_dim=1)")
+    signature = _SIGNATURES[names]
     problems = []
     for convention in _CONVENTIONS:
-        cases = {name: case.with_tables(convention.tables) for name, case in _proof_cases(takes_position_ids).items()}
-        keep_dtype, problem = _prove_convention(original, convention, takes_position_ids, cases)
+        if signature.one_tensor and convention.fused_one is None:
+            continue
+        cases = {name: case.with_tables(convention.tables)
+                 for name, case in _proof_cases(signature.position_ids).items()}
+        keep_dtype, problem = _prove_convention(original, convention, signature, cases)
         if problem is None:
             return keep_dtype, convention, (f"the op computes its {_FUNCTION} with {convention.name}, forward and "
                                             "backward" + (" (result in q's dtype)" if keep_dtype else ""))
@@ -365,31 +385,48 @@ def _prove(original: Any) -> Tuple[Optional[bool], Optional[_Convention], str]:
     return None, None, f"no convention of the op gives its {_FUNCTION}: " + "; ".join(problems)
 
 
-def _prove_convention(original: Any, convention: _Convention, takes_position_ids: bool,
+def _as_pair(one: Callable[..., Any]) -> Callable[..., Tuple[Any, Any]]:
+    """A one-tensor function as the pair form the proof calls: q and k by two calls."""
+    def pair(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *extra: Any) -> Tuple[Any, Any]:
+        return one(q, cos, sin, *extra), one(k, cos, sin, *extra)
+    return pair
+
+
+def _prove_convention(original: Any, convention: _Convention, signature: _Signature,
                       cases: Dict[str, "_Case"]) -> Tuple[bool, Optional[str]]:
     """(keep_dtype, None) where the op in this convention gives the function's result in every
     case the function takes, (False, what differs) otherwise."""
+    as_called = _as_pair(original) if signature.one_tensor else original
     try:
-        out_dtype = original(*cases["bfloat16-q-and-float32-angles"].args())[0].dtype
+        out_dtype = as_called(*cases["bfloat16-q-and-float32-angles"].args())[0].dtype
     except Exception as error:  # noqa: BLE001
         return False, f"its {_FUNCTION} raised on a (B, H, S, D) call ({type(error).__name__}: {error})"
     if out_dtype not in (torch.bfloat16, torch.float32):
         return False, f"its {_FUNCTION} returns {out_dtype} for bfloat16 q and float32 cos/sin"
     keep_dtype = out_dtype == torch.bfloat16
-    replacement = _replacement(original, convention, takes_position_ids, keep_dtype)
+    replacement = _replacement(original, convention, signature, keep_dtype)
+    if signature.one_tensor:
+        replacement = _as_pair(replacement)
     for name, case in cases.items():
         try:
-            expected = _forward_and_grads(original, case)
+            expected = _forward_and_grads(as_called, case)
         except Exception as error:  # noqa: BLE001
             if case.optional:
                 continue  # a form the function does not take: the model never passes it
             return False, f"its {_FUNCTION} raised on the {name} call ({type(error).__name__}: {error})"
-        if convention.fused(*case.fused_args(), keep_dtype=keep_dtype) is None:
+        if not _op_serves(convention, signature, case, keep_dtype):
             return False, f"the op does not serve its {name} call"
         problem = _difference(_forward_and_grads(replacement, case), expected, case)
         if problem is not None:
             return False, f"{problem} on the {name} call"
     return keep_dtype, None
+
+
+def _op_serves(convention: _Convention, signature: _Signature, case: "_Case", keep_dtype: bool) -> bool:
+    if signature.one_tensor and convention.fused_one is not None:
+        return all(convention.fused_one(x, case.cos, case.sin, case.unsqueeze_dim, keep_dtype) is not None
+                   for x in (case.q, case.k))
+    return convention.fused(*case.fused_args(), keep_dtype=keep_dtype) is not None
 
 
 @dataclasses.dataclass
@@ -490,24 +527,36 @@ def _difference(got: List[torch.Tensor], expected: List[torch.Tensor], case: _Ca
 # Installing and restoring
 
 
-def _replacement(original: Any, convention: _Convention, takes_position_ids: bool,
+def _replacement(original: Any, convention: _Convention, signature: _Signature,
                  keep_dtype: bool) -> Callable[..., Any]:
     """The function installed in a module: the op where it serves the inputs, the original else."""
     fused_pos_emb = convention.fused
-    if takes_position_ids:
-        def replacement(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        position_ids: Optional[torch.Tensor] = None, unsqueeze_dim: int = 1
-                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    fused_one = convention.fused_one
+    if signature.one_tensor:
+        assert fused_one is not None
+
+        def replacement_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+                            ) -> torch.Tensor:
+            fused = fused_one(x, cos, sin, unsqueeze_dim, keep_dtype)
+            return original(x, cos, sin, unsqueeze_dim) if fused is None else fused
+        chosen: Callable[..., Any] = replacement_one
+    elif signature.position_ids:
+        def replacement_4x(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           position_ids: Optional[torch.Tensor] = None, unsqueeze_dim: int = 1
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
             fused = fused_pos_emb(q, k, cos, sin, position_ids, unsqueeze_dim, keep_dtype)
             return original(q, k, cos, sin, position_ids, unsqueeze_dim) if fused is None else fused
+        chosen = replacement_4x
     else:
-        def replacement(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,  # type: ignore[misc]
+        def replacement(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         unsqueeze_dim: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
             fused = fused_pos_emb(q, k, cos, sin, None, unsqueeze_dim, keep_dtype)
             return original(q, k, cos, sin, unsqueeze_dim) if fused is None else fused
-    replacement.__doc__ = f"transformers' {_FUNCTION}, computed by torch.ops.rope.fused_qk (rope_kernels)."
-    setattr(replacement, _REPLACED, original)
-    return replacement
+        chosen = replacement
+    chosen.__name__ = _FUNCTION
+    chosen.__doc__ = f"transformers' {_FUNCTION}, computed by torch.ops.rope (rope_kernels)."
+    setattr(chosen, _REPLACED, original)
+    return chosen
 
 
 def _install(module_name: str) -> None:
@@ -519,7 +568,7 @@ def _install(module_name: str) -> None:
     status = _examined[module_name][1]
     assert names is not None and status.patched
     _originals[module_name] = current
-    convention = next(c for c in _CONVENTIONS if c.arguments == status.convention)
+    convention = next(c for c in _CONVENTIONS if status.convention in (c.arguments, c.arguments_one))
     setattr(module, _FUNCTION, _replacement(current, convention, _SIGNATURES[names], status.keep_dtype))
 
 
