@@ -266,7 +266,8 @@ def _examine(module_name: str) -> Optional[ModuleStatus]:
     if cached is not None and cached[0] is original:
         return cached[1]
     keep_dtype, convention, reason = _prove(original)
-    one_tensor = _SIGNATURES[names].one_tensor if (names := _parameters(original)) is not None else False
+    names = _parameters(original)
+    one_tensor = names is not None and _SIGNATURES[names].one_tensor
     arguments = "" if convention is None else convention.arguments_one if one_tensor else convention.arguments
     status = ModuleStatus(module_name, convention is not None, reason, bool(keep_dtype), arguments)
     _examined[module_name] = (original, status)
