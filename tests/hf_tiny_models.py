@@ -46,6 +46,8 @@ FAMILY_SIZES: Dict[str, Any] = dict(
     v_head_dim=16, n_group=1, topk_group=1, num_kv_heads=2, ffn_hidden_size=128, sliding_window=64,
     attention_chunk_size=64, mamba_d_state=8, mamba_n_heads=8, mamba_d_head=16, mamba_headdim=16,
     mamba_d_conv=4, mamba_expand=2, mamba_n_groups=1,
+    # BLT: the width its local encoder and decoder exchange with its global transformer.
+    hidden_size_global=TINY["hidden_size"],
     # Gemma 3n's and Gemma 4's per-layer input embeddings, 262,144 rows by default.
     vocab_size_per_layer_input=TINY["vocab_size"],
     # The RoPE of apply_rotary_pos_emb where a family has others: half-split pairs in DeepSeek-V3's
@@ -54,6 +56,9 @@ FAMILY_SIZES: Dict[str, Any] = dict(
 # What a family needs beyond that, by model type.
 FAMILY_OVERRIDES: Dict[str, Dict[str, Any]] = {
     "bamba": {"attn_layer_indices": [1]},
+    # BLT: its forward makes a DynamicCache(config) that reads num_hidden_layers, which BltConfig lacks
+    # (transformers 5.17): run without a cache.
+    "blt": {"use_cache": False, "encoder_hash_byte_group_vocab": 128},
     # Gemma 3n: its last layers reuse earlier layers' KV; with two layers none can.
     "gemma3n_text": {"num_kv_shared_layers": 0},
     "dbrx": {"d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 128,

@@ -438,11 +438,78 @@ def test_tables_of_one_angle_per_pair(device: str, dtype: torch.dtype, unsqueeze
     k = torch.randn(shape(heads_k), device=device).to(dtype)
     angles = torch.rand(batch, seq, head_dim // 2, device=device) * 6
     cos, sin = angles.cos(), angles.sin()
-    got = fused(q, k, cos, sin, None, unsqueeze_dim, True, one_angle_per_pair=True)
+    got = fused(q, k, cos, sin, None, unsqueeze_dim, True, tables="once")
     assert got is not None
     for out, x in zip(got, (q, k)):
         assert out.dtype == dtype and out.shape == x.shape
         expected = _one_angle_per_pair_reference(x, cos, sin, unsqueeze_dim, interleaved)
         torch.testing.assert_close(out.double(), expected, **tolerance(dtype))
     # Tables of another width are not of this form: left to the caller's own function.
-    assert fused(q, k, cos[..., :16], sin[..., :16], None, unsqueeze_dim, True, one_angle_per_pair=True) is None
+    assert fused(q, k, cos[..., :16], sin[..., :16], None, unsqueeze_dim, True, tables="once") is None
+
+
+def _rotated_reference(x: torch.Tensor, angles: torch.Tensor, unsqueeze_dim: int, interleaved: bool,
+                       sign: float = 1.0) -> torch.Tensor:
+    # The first 2 * angles.shape[-1] features of x turned pair by pair by sign * angle, the rest
+    # passed through, in float64.
+    width = 2 * angles.shape[-1]
+    x = x.double()
+    cos = angles.double().cos().unsqueeze(unsqueeze_dim)
+    sin = (sign * angles.double()).sin().unsqueeze(unsqueeze_dim)
+    rotated, rest = x[..., :width], x[..., width:]
+    first, second = (rotated[..., ::2], rotated[..., 1::2]) if interleaved else rotated.chunk(2, dim=-1)
+    out = (first * cos - second * sin, second * cos + first * sin)
+    turned = torch.stack(out, dim=-1).flatten(-2) if interleaved else torch.cat(out, dim=-1)
+    return torch.cat([turned, rest], dim=-1)
+
+
+@pytest.mark.parametrize("rotary_dim", [64, 32], ids=["full", "partial"])
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+@pytest.mark.parametrize(("device", "dtype"), device_dtype_params(("bf16", "fp32")))
+def test_tables_with_each_angle_at_both_features_of_its_pair(device: str, dtype: torch.dtype, unsqueeze_dim: int,
+                                                             rotary_dim: int) -> None:
+    # cos/sin (batch, seq, R) as Cohere's rotary embedding makes them, repeat_interleave(freqs, 2):
+    # interleaved pairs over the first R features, the op reading every second column.
+    from rope_kernels.hf_interleaved import fused_interleaved_pos_emb
+
+    batch, seq, heads_q, heads_k, head_dim = 2, 9, 4, 2, 64
+    shape = (lambda h: (batch, h, seq, head_dim)) if unsqueeze_dim == 1 else (lambda h: (batch, seq, h, head_dim))
+    q = torch.randn(shape(heads_q), device=device).to(dtype)
+    k = torch.randn(shape(heads_k), device=device).to(dtype)
+    angles = torch.rand(batch, seq, rotary_dim // 2, device=device) * 6
+    pairwise = angles.repeat_interleave(2, dim=-1)
+    got = fused_interleaved_pos_emb(q, k, pairwise.cos(), pairwise.sin(), None, unsqueeze_dim, True, tables="pairwise")
+    assert got is not None
+    for out, x in zip(got, (q, k)):
+        assert out.dtype == dtype and out.shape == x.shape
+        expected = _rotated_reference(x, angles, unsqueeze_dim, interleaved=True)
+        torch.testing.assert_close(out.double(), expected, **tolerance(dtype))
+    # An odd width is not a table of pairs: left to the caller's own function.
+    odd = pairwise[..., :-1]
+    assert fused_interleaved_pos_emb(q, k, odd.cos(), odd.sin(), None, unsqueeze_dim, True, tables="pairwise") is None
+
+
+@pytest.mark.parametrize("rotary_dim", [64, 32], ids=["full", "partial"])
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+@pytest.mark.parametrize(("device", "dtype"), device_dtype_params(("bf16", "fp32")))
+def test_pairs_turned_by_the_negated_angle(device: str, dtype: torch.dtype, unsqueeze_dim: int, rotary_dim: int) -> None:
+    # NanoChat's rotate_half, cat(x2, -x1): each half-split pair turned by -angle, through the op's
+    # gradient, whose own gradient (the turn by +angle) autograd takes.
+    batch, seq, heads_q, heads_k, head_dim = 2, 9, 4, 2, 64
+    shape = (lambda h: (batch, h, seq, head_dim)) if unsqueeze_dim == 1 else (lambda h: (batch, seq, h, head_dim))
+    q = torch.randn(shape(heads_q), device=device).to(dtype).requires_grad_()
+    k = torch.randn(shape(heads_k), device=device).to(dtype).requires_grad_()
+    angles = torch.rand(batch, seq, rotary_dim // 2, device=device) * 6
+    twice = torch.cat([angles, angles], dim=-1)
+    got = rope_kernels.hf_compat.fused_rotary_pos_emb(q, k, twice.cos(), twice.sin(), None, unsqueeze_dim, True,
+                                                      reverse=True)
+    assert got is not None
+    for out, x in zip(got, (q, k)):
+        assert out.dtype == dtype and out.shape == x.shape
+        expected = _rotated_reference(x.detach(), angles, unsqueeze_dim, interleaved=False, sign=-1.0)
+        torch.testing.assert_close(out.double(), expected, **tolerance(dtype))
+    weights = [torch.randn_like(out) for out in got]
+    grads = torch.autograd.grad(sum((out * w).sum() for out, w in zip(got, weights)), (q, k))
+    for grad, w in zip(grads, weights):  # the gradient of a turn by -angle is the turn by +angle
+        expected = _rotated_reference(w, angles, unsqueeze_dim, interleaved=False, sign=1.0)
+        torch.testing.assert_close(grad.double(), expected, **tolerance(dtype))

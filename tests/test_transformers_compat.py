@@ -24,8 +24,8 @@ from torch._dynamo.utils import counters
 
 import rope_kernels
 from hf_tiny_models import (VARIANTS, OpCounter, assert_generates_the_same, assert_matches_unpatched, decode,
-                            float32_copy, packed_positions, padded_batch, positions_from_mask, tiny_model,
-                            training_step)
+                            float32_copy, packed_positions, padded_batch, positions_from_mask, tiny_family_model,
+                            tiny_model, training_step)
 from rope_env import requires_cuda, run_fresh_python
 
 DEVICE_DTYPES = [
@@ -153,18 +153,19 @@ def test_modules_imported_after_the_patch_are_patched_as_they_load() -> None:
         "print(sorted(m for m in sys.modules if m.startswith('transformers.models.') and '.modeling_' in m))\n"
         "from transformers.models.qwen3 import modeling_qwen3\n"
         "from transformers.models.cohere import modeling_cohere\n"
+        "from transformers.models.gptj import modeling_gptj\n"
         "print(handle.modules)\n"
-        "print([str(s) for s in handle.report if 'cohere' in s.module])\n"
+        "print([str(s) for s in handle.report if 'gptj' in s.module])\n"
         "handle.undo()\n"
         "from transformers.models.mistral import modeling_mistral\n"
         "print(rope_kernels.patched_modules(), modeling_qwen3.apply_rotary_pos_emb.__module__)\n")
-    loaded_before, patched, cohere, after_undo = out.strip().splitlines()
+    loaded_before, patched, gptj, after_undo = out.strip().splitlines()
     assert loaded_before == "[]"
-    assert patched == "('transformers.models.qwen3.modeling_qwen3',)"
-    # Cohere rotates interleaved pairs by tables it reads per feature: found to differ in every
-    # convention, left alone, with the reason.
-    assert ("modeling_cohere: left alone: no convention of the op gives its apply_rotary_pos_emb: with "
-            "half-split pairs, q off by") in cohere
+    # Cohere's interleaved pairs with each angle at both features of its pair: a convention of
+    # its own, found by the proof like Qwen3's.
+    assert patched == "('transformers.models.cohere.modeling_cohere', 'transformers.models.qwen3.modeling_qwen3')"
+    # GPT-J's function takes (tensor, sin, cos): left alone, with the reason.
+    assert "modeling_gptj: left alone: its apply_rotary_pos_emb does not have transformers' signature" in gptj
     assert after_undo == "() transformers.models.qwen3.modeling_qwen3"
 
 
@@ -177,9 +178,13 @@ def test_dry_run_reports_every_modeling_module_and_changes_nothing() -> None:
     for family in FAMILIES:
         assert status[family].patched, status[family]
     # GLM pairs the features interleaved: patched with the op's interleaved=True. Cohere's pairs are
-    # interleaved too, but it reads its tables per feature (repeated angles): left alone.
+    # interleaved too, with each angle at both features of its pair: the op reads every second column.
     assert status["glm"].patched and status["glm"].convention == "`fused_qk(..., interleaved=True)`"
-    assert not status["cohere"].patched and "no convention of the op gives" in status["cohere"].reason
+    assert status["cohere"].patched and status["cohere"].convention == "`fused_qk(..., interleaved=True)` (cos/sin[..., ::2])"
+    # NanoChat turns each pair by the negated angle: the op's gradient computes it.
+    assert status["nanochat"].patched and status["nanochat"].convention == "`fused_qk_backward` (the rotation by -angle)"
+    # DeepSeek-V4 rotates the last features of each head ([nope | rope]), which no op argument says.
+    assert not status["deepseek_v4"].patched and "no convention of the op gives" in status["deepseek_v4"].reason
     # GPT-OSS's tables hold one angle per pair (head_dim / 2 columns), as the op reads them.
     assert status["gpt_oss"].patched and status["gpt_oss"].convention == "`fused_qk` (cos/sin of head_dim / 2)"
     assert all(s.reason for s in handle.report)
@@ -223,9 +228,21 @@ def one_tensor_copy(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqu
 
 def per_feature_tables_copy(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                             unsqueeze_dim: int = 1) -> Any:
-    # Cohere's: interleaved pairs, each feature multiplied by its own column of the tables.
+    # Cohere's: interleaved pairs, each feature multiplied by its own column of the tables (which
+    # Cohere's rotary embedding makes with each angle at both columns of its pair).
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
     return q * cos + _rotate_pairs(q) * sin, k * cos + _rotate_pairs(k) * sin
+
+
+def reversed_copy(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1) -> Any:
+    # NanoChat's: rotate_half as cat(x2, -x1), each pair turned by the negated angle.
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return q * cos - _rotate_half(q) * sin, k * cos - _rotate_half(k) * sin
+
+
+def not_a_rotation(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1) -> Any:
+    # cos and sin swapped: no convention of the op computes it.
+    return llama_copy(q, k, sin, cos, unsqueeze_dim)
 
 
 def other_signature(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mrope_section: Any,
@@ -234,39 +251,51 @@ def other_signature(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
 
 
 def test_a_module_is_patched_by_what_its_function_computes() -> None:
-    # Modules of made-up families: those with a copy of Llama's or of GLM's function are patched
-    # under any name, each with its pair convention; one of another convention, or with another
-    # signature, is left alone with the reason.
-    names = ["ropetest_llama_copy", "ropetest_interleaved", "ropetest_per_feature", "ropetest_signature"]
+    # Modules of made-up families: those with a copy of Llama's, GLM's, Cohere's or NanoChat's
+    # function are patched under any name, each with its convention; one that computes something
+    # else, or has another signature, is left alone with the reason.
+    names = ["ropetest_llama_copy", "ropetest_interleaved", "ropetest_per_feature", "ropetest_reversed",
+             "ropetest_not_a_rotation", "ropetest_signature"]
     try:
         copy_module = _fake_modeling_module(names[0], llama_copy)
         interleaved_module = _fake_modeling_module(names[1], interleaved_copy)
         per_feature_module = _fake_modeling_module(names[2], per_feature_tables_copy)
-        other_module = _fake_modeling_module(names[3], other_signature)
+        reversed_module = _fake_modeling_module(names[3], reversed_copy)
+        not_a_rotation_module = _fake_modeling_module(names[4], not_a_rotation)
+        other_module = _fake_modeling_module(names[5], other_signature)
         q, k = torch.randn(2, 4, 6, 16), torch.randn(2, 2, 6, 16)
         angles = torch.rand(2, 6, 8) * 6
-        cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
-        for module, function, interleaved in ((copy_module, llama_copy, False),
-                                              (interleaved_module, interleaved_copy, True)):
+        twice = torch.cat([angles, angles], -1)  # transformers' tables
+        pairwise = angles.repeat_interleave(2, dim=-1)  # Cohere's
+        cases = ((copy_module, llama_copy, twice, "`fused_qk`", torch.ops.rope.fused_qk.default),
+                 (interleaved_module, interleaved_copy, twice, "`fused_qk(..., interleaved=True)`",
+                  torch.ops.rope.fused_qk.default),
+                 (per_feature_module, per_feature_tables_copy, pairwise,
+                  "`fused_qk(..., interleaved=True)` (cos/sin[..., ::2])", torch.ops.rope.fused_qk.default),
+                 (reversed_module, reversed_copy, twice, "`fused_qk_backward` (the rotation by -angle)",
+                  torch.ops.rope.fused_qk_backward.default))
+        for module, function, table, convention, op in cases:
+            cos, sin = table.cos(), table.sin()
             with rope_kernels.patch_transformers(module) as handle:
                 assert handle.modules == (module.__name__,)
-                assert handle.report[0].convention == ("`fused_qk(..., interleaved=True)`" if interleaved
-                                                       else "`fused_qk`")
+                assert handle.report[0].convention == convention
                 assert module.apply_rotary_pos_emb is not function
-                counter = OpCounter()
-                with counter:
-                    got = module.apply_rotary_pos_emb(q, k, cos, sin)
-                assert counter.calls.count(torch.ops.rope.fused_qk.default) == 1
-                for a, b in zip(got, function(q, k, cos, sin)):
-                    torch.testing.assert_close(a, b)
+                for x_q, x_k, unsqueeze_dim in ((q, k, 1), (q.transpose(1, 2), k.transpose(1, 2), 2)):
+                    counter = OpCounter()
+                    with counter:
+                        got = module.apply_rotary_pos_emb(x_q, x_k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+                    assert counter.calls.count(op) == 1
+                    for a, b in zip(got, function(x_q, x_k, cos, sin, unsqueeze_dim)):
+                        torch.testing.assert_close(a, b)
             assert module.apply_rotary_pos_emb is function
         with pytest.raises(ValueError, match=r"left alone: no convention of the op gives its apply_rotary_pos_emb: "
                                              r"with half-split pairs, q off by up to .* on the per-token \(B, H, S, D\) "
                                              r"call; with interleaved pairs, q off by up to"):
-            rope_kernels.patch_transformers(per_feature_module)
+            rope_kernels.patch_transformers(not_a_rotation_module)
         with pytest.raises(ValueError, match=r"does not have transformers' signature"):
             rope_kernels.patch_transformers(other_module)
-        assert per_feature_module.apply_rotary_pos_emb is per_feature_tables_copy
+        assert not_a_rotation_module.apply_rotary_pos_emb is not_a_rotation
+        cos, sin = twice.cos(), twice.sin()
         one_tensor_module = _fake_modeling_module("ropetest_one_tensor", one_tensor_copy)
         names.append("ropetest_one_tensor")
         with rope_kernels.patch_transformers(one_tensor_module) as handle:
@@ -281,8 +310,8 @@ def test_a_module_is_patched_by_what_its_function_computes() -> None:
         assert one_tensor_module.apply_rotary_pos_emb is one_tensor_copy
         # patch_transformers() patches every loaded module that it proves, and only those.
         handle = rope_kernels.patch_transformers()
-        assert copy_module.__name__ in handle.modules and interleaved_module.__name__ in handle.modules
-        assert per_feature_module.__name__ not in handle.modules and other_module.__name__ not in handle.modules
+        assert {m.__name__ for m, *_ in cases} <= set(handle.modules)
+        assert not_a_rotation_module.__name__ not in handle.modules and other_module.__name__ not in handle.modules
         handle.undo()
     finally:
         for name in names:
@@ -327,11 +356,12 @@ def _module_of(family: str) -> Any:
     return importlib.import_module(f"transformers.models.{family}.modeling_{family}")
 
 
-
-
-@pytest.mark.parametrize("variant", ["llama", "phi3_partial"])
+@pytest.mark.parametrize("variant", ["llama", "phi3_partial", "cohere", "nanochat"])
 def test_patched_model_compiles_in_one_graph(variant: str, fresh_dynamo: None) -> None:
-    model = tiny_model(variant, "cpu", torch.float32)
+    # Llama's half-split pairs, Phi-3's partial rotary, Cohere's interleaved pairs on tables of each
+    # angle at both features of its pair (a strided view to the op), NanoChat's turn by -angle.
+    model = tiny_model(variant, "cpu", torch.float32) if variant in VARIANTS else \
+        tiny_family_model(variant, "cpu", torch.float32)
     ids, mask = padded_batch("cpu")
     position_ids = positions_from_mask(mask)
     logits, grads = training_step(model, ids, mask, position_ids)

@@ -100,7 +100,7 @@ def test_patched_attention_runs_the_fused_op(model_type: str) -> None:
         counter = OpCounter()
         with rope_kernels.patch_transformers(model) if patch else contextlib.nullcontext(), counter, torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
-        counts.append(counter.calls.count(torch.ops.rope.fused_qk.default))
+        counts.append(sum(1 for op in counter.calls if op.namespace == "rope"))
     assert counts[0] == 0 and counts[1] >= 1, counts
 
 

@@ -133,3 +133,30 @@ def in_dtype(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
         cos = cos.to(dtype)
         sin = sin.to(dtype)
     return q, k, cos, sin
+
+
+def pair_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int, tables: str
+                ) -> Tuple[int, torch.Tensor, torch.Tensor]:
+    """(the features rotated, cos, sin as the op reads them) for cos/sin in one of the forms
+    transformers' rotary embeddings make, where column i holds the angle of pair i:
+
+    - ``"twice"``: ``cat(freqs, freqs)``, R columns for R rotated features (Llama and most others);
+      the op reads the first half itself;
+    - ``"once"``: ``head_dim / 2`` columns, one angle per pair, every feature rotated (GPT-OSS);
+    - ``"pairwise"``: ``repeat_interleave(freqs, 2)``, R columns for R rotated features, each angle
+      at the columns of its pair's two features (Cohere); given to the op as the strided view of
+      one angle per pair, of which the op makes a dense copy (the tables' size, not q's).
+
+    The width is 0 where the tables do not fit this form and head_dim; the caller then leaves the
+    call to the function it replaces.
+    """
+    width = cos.size(-1)
+    if tables == "once":
+        if 2 * width != head_dim:
+            return 0, cos, sin
+        return head_dim, cos, sin
+    if tables == "pairwise":
+        return width, cos[..., 0::2], sin[..., 0::2]
+    if tables != "twice":
+        raise ValueError("rope_kernels: tables must be 'twice', 'once' or 'pairwise'; got " + tables)
+    return width, cos, sin

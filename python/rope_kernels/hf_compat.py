@@ -29,7 +29,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._compat_inputs import as_table, formula_dtype, in_dtype, op_takes, per_token_angles, token_positions
+from ._compat_inputs import as_table, formula_dtype, in_dtype, op_takes, pair_tables, per_token_angles, token_positions
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +85,7 @@ def _op_call(
     position_ids: Optional[torch.Tensor],
     unsqueeze_dim: int,
     keep_dtype: bool,
-    one_angle_per_pair: bool,
+    tables: str,
 ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor],
                     Optional[int], str]]:
     """The op's arguments for transformers' call (q, k, cos, sin, positions, rotary_dim, layout),
@@ -99,16 +99,12 @@ def _op_call(
     # of any strides as they are, and returns results in the same shape.
     seq_dim = 2 if heads_first else 1
     batch, seq = q.size(0), q.size(seq_dim)
-    width = cos.size(-1)
     dtype = q.dtype if keep_dtype else formula_dtype(q, cos, sin)
-    if one_angle_per_pair:
-        if 2 * width != q.size(-1):
-            return None
-        width = q.size(-1)  # the features rotated
+    width, op_cos, op_sin = pair_tables(cos, sin, q.size(-1), tables)
     if width % 2 != 0 or width == 0 or width > q.size(-1) or not _table_form(cos, batch, seq) \
             or not op_takes(q, k, cos, sin, seq_dim, dtype):
         return None
-    q, k, cos, sin = in_dtype(q, k, cos, sin, dtype)
+    q, k, cos, sin = in_dtype(q, k, op_cos, op_sin, dtype)
 
     # A per-token (batch or 1, seq, width) cos/sin is one table per sequence (or one for all), read
     # at row s: the op takes it as it is, and position_ids are ignored, as transformers does. A
@@ -119,7 +115,7 @@ def _op_call(
                                     "position_ids")
     # The first `width` features are rotated (all of them, or Phi-3's partial rotary); the op copies
     # the rest in the same pass. cos/sin are their full-width table, of which it reads the first half
-    # (or, one angle per pair, all of it).
+    # (or, one angle per pair, all of it: see pair_tables).
     rotary_dim: Optional[int] = None
     if width != q.size(-1):
         rotary_dim = width
@@ -134,18 +130,23 @@ def fused_rotary_pos_emb(
     position_ids: Optional[torch.Tensor] = None,
     unsqueeze_dim: int = 1,
     keep_dtype: bool = False,
-    one_angle_per_pair: bool = False,
+    tables: str = "twice",
+    reverse: bool = False,
 ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """``apply_rotary_pos_emb``'s result from the fused op, or None for inputs the op does not
     serve (see the module documentation). The result is in the dtype transformers' formula gives
     (q's promoted with the tables'), or with ``keep_dtype`` in q's dtype, as the modeling modules
-    that cast their result back to q's dtype return it. ``one_angle_per_pair``: cos/sin hold each
-    pair's angle once, ``head_dim / 2`` columns for every feature, as GPT-OSS's rotary embedding
-    makes them, rather than twice."""
-    call = _op_call(q, k, cos, sin, position_ids, unsqueeze_dim, keep_dtype, one_angle_per_pair)
+    that cast their result back to q's dtype return it. ``tables``: the form of cos/sin (``"twice"``,
+    transformers' own; ``"once"``, one angle per pair, as GPT-OSS's rotary embedding makes them;
+    ``"pairwise"``: see ``pair_tables``). ``reverse``: each pair turned by the negated angle, as
+    NanoChat's ``rotate_half`` (``cat(x2, -x1)``) makes it: the op's gradient,
+    ``fused_qk_backward``, which is itself differentiable (its gradient is ``fused_qk``)."""
+    call = _op_call(q, k, cos, sin, position_ids, unsqueeze_dim, keep_dtype, tables)
     if call is None:
         return None
     q, k, cos, sin, positions, rotary_dim, layout = call
+    if reverse:
+        return torch.ops.rope.fused_qk_backward(q, k, cos, sin, positions, rotary_dim=rotary_dim, layout=layout)
     return torch.ops.rope.fused_qk(q, k, cos, sin, positions, rotary_dim=rotary_dim, layout=layout)
 
 
@@ -159,7 +160,7 @@ def fused_rotary_pos_emb_one(
     """The one-tensor ``apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim)`` of Gemma 3n and Gemma 4
     (q and k rotated by separate calls) from the fused op (``rope::fused``), or None for inputs
     the op does not serve; otherwise as ``fused_rotary_pos_emb``."""
-    call = _op_call(x, x, cos, sin, None, unsqueeze_dim, keep_dtype, False)
+    call = _op_call(x, x, cos, sin, None, unsqueeze_dim, keep_dtype, "twice")
     if call is None:
         return None
     x, _, cos, sin, positions, rotary_dim, layout = call

@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._compat_inputs import formula_dtype, in_dtype, op_takes, per_token_angles
+from ._compat_inputs import formula_dtype, in_dtype, op_takes, pair_tables, per_token_angles
 
 
 def _halves_from_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -127,29 +127,26 @@ def fused_interleaved_pos_emb(
     position_ids: Optional[torch.Tensor] = None,
     unsqueeze_dim: int = 1,
     keep_dtype: bool = False,
-    one_angle_per_pair: bool = False,
+    tables: str = "twice",
 ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """GLM's ``apply_rotary_pos_emb`` result from the fused op (interleaved pairs over the first
     ``cos.shape[-1]`` features, the rest passed through), or None for inputs the op does not serve.
     The result is in the dtype transformers' formula gives, or with ``keep_dtype`` in q's dtype, as
-    the modules that compute in float32 and cast back (ERNIE 4.5) return it. ``one_angle_per_pair``:
-    cos/sin hold each pair's angle once, ``head_dim / 2`` columns for every feature (OpenAI's
-    privacy filter), rather than twice."""
+    the modules that compute in float32 and cast back (ERNIE 4.5) return it. ``tables``: the form of
+    cos/sin (see ``pair_tables``): ``"twice"``, transformers' own; ``"once"``, one angle per pair for
+    every feature (OpenAI's privacy filter); ``"pairwise"``, each angle at both columns of its pair
+    (Cohere, BLT, EfficientLoFTR, LightGlue, ERNIE 4.5 VL's text model)."""
     seq_dim = _seq_dim(q, k, unsqueeze_dim)
     if seq_dim < 0:
         return None
-    width = cos.size(-1)
     head_dim = q.size(-1)
     dtype = q.dtype if keep_dtype else formula_dtype(q, cos, sin)
-    if one_angle_per_pair:
-        if 2 * width != head_dim:
-            return None
-        width = head_dim  # the features rotated; the op reads a table of head_dim / 2 as it is
+    width, op_cos, op_sin = pair_tables(cos, sin, head_dim, tables)
     # An odd width rotates one feature fewer than the table has columns: the formula serves it.
     if width % 2 != 0 or width == 0 or width > head_dim or not per_token_angles(cos, q.size(0), q.size(seq_dim)) \
             or not op_takes(q, k, cos, sin, seq_dim, dtype):
         return None
-    q, k, cos, sin = in_dtype(q, k, cos, sin, dtype)
+    q, k, cos, sin = in_dtype(q, k, op_cos, op_sin, dtype)
     rotary_dim: Optional[int] = None
     if width != head_dim:
         rotary_dim = width

@@ -12,7 +12,9 @@ the op gives the function's own result, forward and backward, in every form the 
 with (per-token and shared angles, (B, H, S, D) and (B, S, H, D) tensors, a rotated width below
 head_dim, the result's dtype), in one of the pair conventions of transformers' functions: Llama's
 half-split pairs, or GLM's interleaved pairs (``interleaved=True``; GLM, Helium, ERNIE 4.5,
-Moonshine), each with transformers' tables (each angle twice) or with one angle per pair (GPT-OSS);
+Moonshine), each with transformers' tables (each angle twice) or with one angle per pair (GPT-OSS),
+interleaved pairs on tables holding each angle at both features of its pair (Cohere), or half-split
+pairs turned by the negated angle (NanoChat, served by the op's gradient ``fused_qk_backward``);
 a one-tensor function ``(x, cos, sin, unsqueeze_dim)`` (Gemma 3n, Gemma 4) is proven on q and k
 through two calls and served by ``rope::fused``.
 A module whose function computes something else (another convention, tables of another form) is
@@ -30,6 +32,7 @@ the patch puts the hook back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -319,16 +322,9 @@ def _one_angle_per_pair(table: torch.Tensor) -> torch.Tensor:
     return table[..., : table.shape[-1] // 2]
 
 
-def _half_split_one_angle_per_pair(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                                   position_ids: Optional[torch.Tensor] = None, unsqueeze_dim: int = 1,
-                                   keep_dtype: bool = False) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    return fused_rotary_pos_emb(q, k, cos, sin, position_ids, unsqueeze_dim, keep_dtype, one_angle_per_pair=True)
-
-
-def _interleaved_one_angle_per_pair(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                                    position_ids: Optional[torch.Tensor] = None, unsqueeze_dim: int = 1,
-                                    keep_dtype: bool = False) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    return fused_interleaved_pos_emb(q, k, cos, sin, position_ids, unsqueeze_dim, keep_dtype, one_angle_per_pair=True)
+def _angle_per_pair_feature(table: torch.Tensor) -> torch.Tensor:
+    # Cohere's tables: each angle at both columns of its pair (repeat_interleave(freqs, 2)).
+    return table[..., : table.shape[-1] // 2].repeat_interleave(2, dim=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,9 +351,18 @@ _CONVENTIONS = (
     # GPT-OSS and OpenAI's privacy filter: cos/sin of head_dim / 2 columns, one angle per pair,
     # which the op reads as they are.
     _Convention("half-split pairs and one angle per pair", "`fused_qk` (cos/sin of head_dim / 2)",
-                _half_split_one_angle_per_pair, _one_angle_per_pair),
+                functools.partial(fused_rotary_pos_emb, tables="once"), _one_angle_per_pair),
     _Convention("interleaved pairs and one angle per pair", "`fused_qk(..., interleaved=True)` (cos/sin of head_dim / 2)",
-                _interleaved_one_angle_per_pair, _one_angle_per_pair),
+                functools.partial(fused_interleaved_pos_emb, tables="once"), _one_angle_per_pair),
+    # Cohere and the models built from its code: each angle at the columns of both features of its
+    # pair; the op reads every second column.
+    _Convention("interleaved pairs and each angle at both features of its pair",
+                "`fused_qk(..., interleaved=True)` (cos/sin[..., ::2])",
+                functools.partial(fused_interleaved_pos_emb, tables="pairwise"), _angle_per_pair_feature),
+    # NanoChat's rotate_half is cat(x2, -x1): each pair turned by the negated angle, which is the
+    # op's gradient (itself differentiable).
+    _Convention("half-split pairs turned by the negated angle", "`fused_qk_backward` (the rotation by -angle)",
+                functools.partial(fused_rotary_pos_emb, reverse=True)),
 )
 
 
