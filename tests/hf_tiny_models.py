@@ -48,6 +48,10 @@ FAMILY_SIZES: Dict[str, Any] = dict(
     mamba_d_conv=4, mamba_expand=2, mamba_n_groups=1,
     # BLT: the width its local encoder and decoder exchange with its global transformer.
     hidden_size_global=TINY["hidden_size"],
+    # GPT-J's and CodeGen's names of the common sizes.
+    n_embd=TINY["hidden_size"], n_layer=TINY["num_hidden_layers"], n_head=TINY["num_attention_heads"],
+    n_inner=TINY["intermediate_size"], n_positions=TINY["max_position_embeddings"],
+    n_ctx=TINY["max_position_embeddings"],
     # Gemma 3n's and Gemma 4's per-layer input embeddings, 262,144 rows by default.
     vocab_size_per_layer_input=TINY["vocab_size"],
     # The RoPE of apply_rotary_pos_emb where a family has others: half-split pairs in DeepSeek-V3's
@@ -56,6 +60,9 @@ FAMILY_SIZES: Dict[str, Any] = dict(
 # What a family needs beyond that, by model type.
 FAMILY_OVERRIDES: Dict[str, Dict[str, Any]] = {
     "bamba": {"attn_layer_indices": [1]},
+    # GPT-J and CodeGen rotate the first rotary_dim features of each head (64 of 256 in GPT-J 6B).
+    "gptj": {"rotary_dim": 8},
+    "codegen": {"rotary_dim": 8},
     # BLT: its forward makes a DynamicCache(config) that reads num_hidden_layers, which BltConfig lacks
     # (transformers 5.17): run without a cache.
     "blt": {"use_cache": False, "encoder_hash_byte_group_vocab": 128},
@@ -133,8 +140,9 @@ def rope_rounded_once(module_name: str) -> Iterator[None]:
     module = importlib.import_module(module_name)
     original = module.apply_rotary_pos_emb
 
-    # Pairs (q, k, cos, sin, ...) or one tensor (x, cos, sin, ...) as Gemma 3n's and Gemma 4's.
-    rotated = 1 if next(iter(inspect.signature(original).parameters)) == "x" else 2
+    # Pairs (q, k, cos, sin, ...), or one tensor: (x, cos, sin, ...) as Gemma 3n's and Gemma 4's,
+    # (tensor, sin, cos) as GPT-J's.
+    rotated = 1 if next(iter(inspect.signature(original).parameters)) in ("x", "tensor") else 2
 
     def rounded_once(*args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():

@@ -463,14 +463,16 @@ def _rotated_reference(x: torch.Tensor, angles: torch.Tensor, unsqueeze_dim: int
     return torch.cat([turned, rest], dim=-1)
 
 
+@pytest.mark.parametrize("calls", ["pair", "one"], ids=["q-and-k", "one-tensor"])
 @pytest.mark.parametrize("rotary_dim", [64, 32], ids=["full", "partial"])
 @pytest.mark.parametrize("unsqueeze_dim", [1, 2])
 @pytest.mark.parametrize(("device", "dtype"), device_dtype_params(("bf16", "fp32")))
 def test_tables_with_each_angle_at_both_features_of_its_pair(device: str, dtype: torch.dtype, unsqueeze_dim: int,
-                                                             rotary_dim: int) -> None:
+                                                             rotary_dim: int, calls: str) -> None:
     # cos/sin (batch, seq, R) as Cohere's rotary embedding makes them, repeat_interleave(freqs, 2):
-    # interleaved pairs over the first R features, the op reading every second column.
-    from rope_kernels.hf_interleaved import fused_interleaved_pos_emb
+    # interleaved pairs over the first R features, the op reading every second column; q and k in
+    # one call (rope::fused_qk) or one tensor a call (rope::fused).
+    from rope_kernels.hf_interleaved import fused_interleaved_pos_emb, fused_interleaved_pos_emb_one
 
     batch, seq, heads_q, heads_k, head_dim = 2, 9, 4, 2, 64
     shape = (lambda h: (batch, h, seq, head_dim)) if unsqueeze_dim == 1 else (lambda h: (batch, seq, h, head_dim))
@@ -478,8 +480,12 @@ def test_tables_with_each_angle_at_both_features_of_its_pair(device: str, dtype:
     k = torch.randn(shape(heads_k), device=device).to(dtype)
     angles = torch.rand(batch, seq, rotary_dim // 2, device=device) * 6
     pairwise = angles.repeat_interleave(2, dim=-1)
-    got = fused_interleaved_pos_emb(q, k, pairwise.cos(), pairwise.sin(), None, unsqueeze_dim, True, tables="pairwise")
-    assert got is not None
+    cos, sin = pairwise.cos(), pairwise.sin()
+    if calls == "pair":
+        got = fused_interleaved_pos_emb(q, k, cos, sin, None, unsqueeze_dim, True, tables="pairwise")
+    else:
+        got = tuple(fused_interleaved_pos_emb_one(x, cos, sin, unsqueeze_dim, True, tables="pairwise") for x in (q, k))
+    assert got is not None and None not in got
     for out, x in zip(got, (q, k)):
         assert out.dtype == dtype and out.shape == x.shape
         expected = _rotated_reference(x, angles, unsqueeze_dim, interleaved=True)
@@ -489,21 +495,28 @@ def test_tables_with_each_angle_at_both_features_of_its_pair(device: str, dtype:
     assert fused_interleaved_pos_emb(q, k, odd.cos(), odd.sin(), None, unsqueeze_dim, True, tables="pairwise") is None
 
 
+@pytest.mark.parametrize("calls", ["pair", "one"], ids=["q-and-k", "one-tensor"])
 @pytest.mark.parametrize("rotary_dim", [64, 32], ids=["full", "partial"])
 @pytest.mark.parametrize("unsqueeze_dim", [1, 2])
 @pytest.mark.parametrize(("device", "dtype"), device_dtype_params(("bf16", "fp32")))
-def test_pairs_turned_by_the_negated_angle(device: str, dtype: torch.dtype, unsqueeze_dim: int, rotary_dim: int) -> None:
+def test_pairs_turned_by_the_negated_angle(device: str, dtype: torch.dtype, unsqueeze_dim: int, rotary_dim: int,
+                                           calls: str) -> None:
     # NanoChat's rotate_half, cat(x2, -x1): each half-split pair turned by -angle, through the op's
-    # gradient, whose own gradient (the turn by +angle) autograd takes.
+    # gradient (rope::fused_qk_backward, or rope::fused_backward one tensor a call), whose own
+    # gradient (the turn by +angle) autograd takes.
     batch, seq, heads_q, heads_k, head_dim = 2, 9, 4, 2, 64
     shape = (lambda h: (batch, h, seq, head_dim)) if unsqueeze_dim == 1 else (lambda h: (batch, seq, h, head_dim))
     q = torch.randn(shape(heads_q), device=device).to(dtype).requires_grad_()
     k = torch.randn(shape(heads_k), device=device).to(dtype).requires_grad_()
     angles = torch.rand(batch, seq, rotary_dim // 2, device=device) * 6
     twice = torch.cat([angles, angles], dim=-1)
-    got = rope_kernels.hf_compat.fused_rotary_pos_emb(q, k, twice.cos(), twice.sin(), None, unsqueeze_dim, True,
-                                                      reverse=True)
-    assert got is not None
+    cos, sin = twice.cos(), twice.sin()
+    if calls == "pair":
+        got = rope_kernels.hf_compat.fused_rotary_pos_emb(q, k, cos, sin, None, unsqueeze_dim, True, reverse=True)
+    else:
+        got = tuple(rope_kernels.hf_compat.fused_rotary_pos_emb_one(x, cos, sin, unsqueeze_dim, True, reverse=True)
+                    for x in (q, k))
+    assert got is not None and None not in got
     for out, x in zip(got, (q, k)):
         assert out.dtype == dtype and out.shape == x.shape
         expected = _rotated_reference(x.detach(), angles, unsqueeze_dim, interleaved=False, sign=-1.0)

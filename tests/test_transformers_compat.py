@@ -153,19 +153,20 @@ def test_modules_imported_after_the_patch_are_patched_as_they_load() -> None:
         "print(sorted(m for m in sys.modules if m.startswith('transformers.models.') and '.modeling_' in m))\n"
         "from transformers.models.qwen3 import modeling_qwen3\n"
         "from transformers.models.cohere import modeling_cohere\n"
-        "from transformers.models.gptj import modeling_gptj\n"
+        "from transformers.models.deepseek_v4 import modeling_deepseek_v4\n"
         "print(handle.modules)\n"
-        "print([str(s) for s in handle.report if 'gptj' in s.module])\n"
+        "print([str(s) for s in handle.report if 'deepseek_v4' in s.module])\n"
         "handle.undo()\n"
         "from transformers.models.mistral import modeling_mistral\n"
         "print(rope_kernels.patched_modules(), modeling_qwen3.apply_rotary_pos_emb.__module__)\n")
-    loaded_before, patched, gptj, after_undo = out.strip().splitlines()
+    loaded_before, patched, deepseek_v4, after_undo = out.strip().splitlines()
     assert loaded_before == "[]"
     # Cohere's interleaved pairs with each angle at both features of its pair: a convention of
     # its own, found by the proof like Qwen3's.
     assert patched == "('transformers.models.cohere.modeling_cohere', 'transformers.models.qwen3.modeling_qwen3')"
-    # GPT-J's function takes (tensor, sin, cos): left alone, with the reason.
-    assert "modeling_gptj: left alone: its apply_rotary_pos_emb does not have transformers' signature" in gptj
+    # DeepSeek-V4 rotates the last features of each head, which no op argument says: left alone,
+    # with the reason.
+    assert "modeling_deepseek_v4: left alone: no convention of the op gives its apply_rotary_pos_emb" in deepseek_v4
     assert after_undo == "() transformers.models.qwen3.modeling_qwen3"
 
 
@@ -185,6 +186,9 @@ def test_dry_run_reports_every_modeling_module_and_changes_nothing() -> None:
     assert status["nanochat"].patched and status["nanochat"].convention == "`fused_qk_backward` (the rotation by -angle)"
     # DeepSeek-V4 rotates the last features of each head ([nope | rope]), which no op argument says.
     assert not status["deepseek_v4"].patched and "no convention of the op gives" in status["deepseek_v4"].reason
+    # GPT-J's (tensor, sin, cos): one (B, S, H, D) tensor a call, interleaved pairs, one angle per pair.
+    assert status["gptj"].patched and status["gptj"].convention == \
+        "`fused(..., interleaved=True)` (cos/sin of head_dim / 2), for q and k by their two calls"
     # GPT-OSS's tables hold one angle per pair (head_dim / 2 columns), as the op reads them.
     assert status["gpt_oss"].patched and status["gpt_oss"].convention == "`fused_qk` (cos/sin of head_dim / 2)"
     assert all(s.reason for s in handle.report)
@@ -243,6 +247,13 @@ def reversed_copy(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
 def not_a_rotation(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1) -> Any:
     # cos and sin swapped: no convention of the op computes it.
     return llama_copy(q, k, sin, cos, unsqueeze_dim)
+
+
+def gptj_copy(tensor: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> Any:
+    # GPT-J's: one (B, S, H, D) tensor a call, interleaved pairs, one angle per pair.
+    sin = torch.repeat_interleave(sin[:, :, None, :], 2, 3)
+    cos = torch.repeat_interleave(cos[:, :, None, :], 2, 3)
+    return tensor * cos + _rotate_pairs(tensor) * sin
 
 
 def other_signature(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mrope_section: Any,
@@ -308,6 +319,19 @@ def test_a_module_is_patched_by_what_its_function_computes() -> None:
                 assert counter.calls.count(torch.ops.rope.fused_qk.default) == 1
                 torch.testing.assert_close(got, one_tensor_copy(x, cos, sin, unsqueeze_dim))
         assert one_tensor_module.apply_rotary_pos_emb is one_tensor_copy
+        gptj_module = _fake_modeling_module("ropetest_gptj", gptj_copy)
+        names.append("ropetest_gptj")
+        with rope_kernels.patch_transformers(gptj_module) as handle:
+            assert handle.report[0].convention == ("`fused(..., interleaved=True)` (cos/sin of head_dim / 2), "
+                                                   "for q and k by their two calls")
+            assert list(inspect.signature(gptj_module.apply_rotary_pos_emb).parameters) == ["tensor", "sin", "cos"]
+            x = q.transpose(1, 2)[..., :8]  # (B, S, H, D) as GPT-J holds it, its rotated slice
+            counter = OpCounter()
+            with counter:
+                got = gptj_module.apply_rotary_pos_emb(x, angles.sin()[..., :4], angles.cos()[..., :4])
+            assert counter.calls.count(torch.ops.rope.fused_qk.default) == 1
+            torch.testing.assert_close(got, gptj_copy(x, angles.sin()[..., :4], angles.cos()[..., :4]))
+        assert gptj_module.apply_rotary_pos_emb is gptj_copy
         # patch_transformers() patches every loaded module that it proves, and only those.
         handle = rope_kernels.patch_transformers()
         assert {m.__name__ for m, *_ in cases} <= set(handle.modules)

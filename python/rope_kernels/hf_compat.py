@@ -156,14 +156,19 @@ def fused_rotary_pos_emb_one(
     sin: torch.Tensor,
     unsqueeze_dim: int = 1,
     keep_dtype: bool = False,
+    tables: str = "twice",
+    reverse: bool = False,
 ) -> Optional[torch.Tensor]:
     """The one-tensor ``apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim)`` of Gemma 3n and Gemma 4
-    (q and k rotated by separate calls) from the fused op (``rope::fused``), or None for inputs
-    the op does not serve; otherwise as ``fused_rotary_pos_emb``."""
-    call = _op_call(x, x, cos, sin, None, unsqueeze_dim, keep_dtype, "twice")
+    (q and k rotated by separate calls) from the fused op (``rope::fused``, or its gradient
+    ``rope::fused_backward`` with ``reverse``), or None for inputs the op does not serve; otherwise
+    as ``fused_rotary_pos_emb``."""
+    call = _op_call(x, x, cos, sin, None, unsqueeze_dim, keep_dtype, tables)
     if call is None:
         return None
     x, _, cos, sin, positions, rotary_dim, layout = call
+    if reverse:
+        return torch.ops.rope.fused_backward(x, cos, sin, positions, rotary_dim=rotary_dim, layout=layout)
     return torch.ops.rope.fused(x, cos, sin, positions, rotary_dim=rotary_dim, layout=layout)
 
 

@@ -119,6 +119,35 @@ def apply_rotary_pos_emb_interleave(
                                    layout="bhsd" if seq_dim == 2 else "bshd")
 
 
+def _interleaved_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    unsqueeze_dim: int,
+    keep_dtype: bool,
+    tables: str,
+) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[int], str]]:
+    """The op's arguments (q, k, cos, sin, rotary_dim, layout) for an interleaved call of
+    transformers' form, or None for inputs the op does not serve. Shared by the pair and the
+    one-tensor forms."""
+    seq_dim = _seq_dim(q, k, unsqueeze_dim)
+    if seq_dim < 0:
+        return None
+    head_dim = q.size(-1)
+    dtype = q.dtype if keep_dtype else formula_dtype(q, cos, sin)
+    width, op_cos, op_sin = pair_tables(cos, sin, head_dim, tables)
+    # An odd width rotates one feature fewer than the table has columns: the formula serves it.
+    if width % 2 != 0 or width == 0 or width > head_dim or not per_token_angles(cos, q.size(0), q.size(seq_dim)) \
+            or not op_takes(q, k, cos, sin, seq_dim, dtype):
+        return None
+    q, k, cos, sin = in_dtype(q, k, op_cos, op_sin, dtype)
+    rotary_dim: Optional[int] = None
+    if width != head_dim:
+        rotary_dim = width
+    return q, k, cos, sin, rotary_dim, "bhsd" if seq_dim == 2 else "bshd"
+
+
 def fused_interleaved_pos_emb(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -136,22 +165,29 @@ def fused_interleaved_pos_emb(
     cos/sin (see ``pair_tables``): ``"twice"``, transformers' own; ``"once"``, one angle per pair for
     every feature (OpenAI's privacy filter); ``"pairwise"``, each angle at both columns of its pair
     (Cohere, BLT, EfficientLoFTR, LightGlue, ERNIE 4.5 VL's text model)."""
-    seq_dim = _seq_dim(q, k, unsqueeze_dim)
-    if seq_dim < 0:
+    call = _interleaved_call(q, k, cos, sin, unsqueeze_dim, keep_dtype, tables)
+    if call is None:
         return None
-    head_dim = q.size(-1)
-    dtype = q.dtype if keep_dtype else formula_dtype(q, cos, sin)
-    width, op_cos, op_sin = pair_tables(cos, sin, head_dim, tables)
-    # An odd width rotates one feature fewer than the table has columns: the formula serves it.
-    if width % 2 != 0 or width == 0 or width > head_dim or not per_token_angles(cos, q.size(0), q.size(seq_dim)) \
-            or not op_takes(q, k, cos, sin, seq_dim, dtype):
+    q, k, cos, sin, rotary_dim, layout = call
+    return torch.ops.rope.fused_qk(q, k, cos, sin, None, interleaved=True, rotary_dim=rotary_dim, layout=layout)
+
+
+def fused_interleaved_pos_emb_one(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    unsqueeze_dim: int = 1,
+    keep_dtype: bool = False,
+    tables: str = "twice",
+) -> Optional[torch.Tensor]:
+    """One tensor rotated with interleaved pairs by the fused op (``rope::fused``), as GPT-J's and
+    CodeGen's ``apply_rotary_pos_emb(tensor, sin, cos)`` rotates q and k by separate calls, or None
+    for inputs the op does not serve; otherwise as ``fused_interleaved_pos_emb``."""
+    call = _interleaved_call(x, x, cos, sin, unsqueeze_dim, keep_dtype, tables)
+    if call is None:
         return None
-    q, k, cos, sin = in_dtype(q, k, op_cos, op_sin, dtype)
-    rotary_dim: Optional[int] = None
-    if width != head_dim:
-        rotary_dim = width
-    return torch.ops.rope.fused_qk(q, k, cos, sin, None, interleaved=True, rotary_dim=rotary_dim,
-                                   layout="bhsd" if seq_dim == 2 else "bshd")
+    x, _, cos, sin, rotary_dim, layout = call
+    return torch.ops.rope.fused(x, cos, sin, None, interleaved=True, rotary_dim=rotary_dim, layout=layout)
 
 
 def apply_rotary_pos_emb_glm(

@@ -15,8 +15,9 @@ half-split pairs, or GLM's interleaved pairs (``interleaved=True``; GLM, Helium,
 Moonshine), each with transformers' tables (each angle twice) or with one angle per pair (GPT-OSS),
 interleaved pairs on tables holding each angle at both features of its pair (Cohere), or half-split
 pairs turned by the negated angle (NanoChat, served by the op's gradient ``fused_qk_backward``);
-a one-tensor function ``(x, cos, sin, unsqueeze_dim)`` (Gemma 3n, Gemma 4) is proven on q and k
-through two calls and served by ``rope::fused``.
+a one-tensor function, ``(x, cos, sin, unsqueeze_dim)`` (Gemma 3n, Gemma 4) or GPT-J's and
+CodeGen's ``(tensor, sin, cos)``, is proven on q and k through two calls and served by
+``rope::fused`` in the same conventions.
 A module whose function computes something else (another convention, tables of another form) is
 left alone, and the reason is reported (``TransformersPatch.report``,
 ``patch_transformers(dry_run=True)``).
@@ -47,7 +48,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 
 from .hf_compat import fused_rotary_pos_emb, fused_rotary_pos_emb_one
-from .hf_interleaved import fused_interleaved_pos_emb
+from .hf_interleaved import fused_interleaved_pos_emb, fused_interleaved_pos_emb_one
 
 _FUNCTION = "apply_rotary_pos_emb"
 _MODULE_PREFIX = "transformers.models."
@@ -291,11 +292,15 @@ def _calls_the_function(module: types.ModuleType) -> bool:
 class _Signature:
     one_tensor: bool  # (x, cos, sin, ...): q and k rotated by separate calls (Gemma 3n, Gemma 4)
     position_ids: bool  # position_ids before unsqueeze_dim (transformers 4.x)
+    # GPT-J's and CodeGen's (tensor, sin, cos): one tensor, (B, S, H, D), sin before cos, and no
+    # unsqueeze_dim (their tables broadcast at dim 2).
+    sin_first: bool = False
 
 
 _SIGNATURES = {("q", "k", "cos", "sin", "unsqueeze_dim"): _Signature(False, False),  # transformers 5.x
                ("q", "k", "cos", "sin", "position_ids", "unsqueeze_dim"): _Signature(False, True),  # 4.x
-               ("x", "cos", "sin", "unsqueeze_dim"): _Signature(True, False)}
+               ("x", "cos", "sin", "unsqueeze_dim"): _Signature(True, False),
+               ("tensor", "sin", "cos"): _Signature(True, False, sin_first=True)}
 
 
 def _parameters(original: Any) -> Optional[Tuple[str, ...]]:
@@ -306,11 +311,23 @@ def _parameters(original: Any) -> Optional[Tuple[str, ...]]:
     except (TypeError, ValueError):
         return None
     names = tuple(parameters)
-    if names not in _SIGNATURES or parameters["unsqueeze_dim"].default != 1:
+    if names not in _SIGNATURES:
+        return None
+    if "unsqueeze_dim" in parameters and parameters["unsqueeze_dim"].default != 1:
         return None
     if "position_ids" in parameters and parameters["position_ids"].default is not None:
         return None
     return names
+
+
+def _as_cos_first(sin_first: Callable[..., Any]) -> Callable[..., Any]:
+    """GPT-J's (tensor, sin, cos) as the one-tensor form (x, cos, sin, unsqueeze_dim) the proof
+    calls: (B, S, H, D) tensors as they are, (B, H, S, D) ones as their (B, S, H, D) view."""
+    def cos_first(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1) -> Any:
+        if unsqueeze_dim == 2:
+            return sin_first(x, sin, cos)
+        return sin_first(x.transpose(1, 2), sin, cos).transpose(1, 2)
+    return cos_first
 
 
 def _same_tables(table: torch.Tensor) -> torch.Tensor:
@@ -337,32 +354,43 @@ class _Convention:
     name: str  # in reasons: "half-split pairs"
     arguments: str  # the op's arguments, for the families table
     fused: Callable[..., Optional[Tuple[torch.Tensor, torch.Tensor]]]
+    # The one-tensor form (x, cos, sin, unsqueeze_dim, keep_dtype) -> Optional[Tensor], and its
+    # op's arguments.
+    fused_one: Callable[..., Optional[torch.Tensor]]
+    arguments_one: str
     tables: Callable[[torch.Tensor], torch.Tensor] = _same_tables
-    # The one-tensor form (x, cos, sin, unsqueeze_dim, keep_dtype) -> Optional[Tensor], where the
-    # convention has one, and its op's arguments; None: one-tensor functions are not tried in it.
-    fused_one: Optional[Callable[..., Optional[torch.Tensor]]] = None
-    arguments_one: str = ""
 
+
+_ONE_TENSOR = ", for q and k by their two calls"
 
 _CONVENTIONS = (
-    _Convention("half-split pairs", "`fused_qk`", fused_rotary_pos_emb, fused_one=fused_rotary_pos_emb_one,
-                arguments_one="`fused`, for q and k by their two calls"),
-    _Convention("interleaved pairs", "`fused_qk(..., interleaved=True)`", fused_interleaved_pos_emb),
-    # GPT-OSS and OpenAI's privacy filter: cos/sin of head_dim / 2 columns, one angle per pair,
-    # which the op reads as they are.
+    _Convention("half-split pairs", "`fused_qk`", fused_rotary_pos_emb,
+                fused_rotary_pos_emb_one, "`fused`" + _ONE_TENSOR),
+    _Convention("interleaved pairs", "`fused_qk(..., interleaved=True)`", fused_interleaved_pos_emb,
+                fused_interleaved_pos_emb_one, "`fused(..., interleaved=True)`" + _ONE_TENSOR),
+    # GPT-OSS and OpenAI's privacy filter (and GPT-J and CodeGen, one tensor a call): cos/sin of
+    # head_dim / 2 columns, one angle per pair, which the op reads as they are.
     _Convention("half-split pairs and one angle per pair", "`fused_qk` (cos/sin of head_dim / 2)",
-                functools.partial(fused_rotary_pos_emb, tables="once"), _one_angle_per_pair),
+                functools.partial(fused_rotary_pos_emb, tables="once"),
+                functools.partial(fused_rotary_pos_emb_one, tables="once"),
+                "`fused` (cos/sin of head_dim / 2)" + _ONE_TENSOR, _one_angle_per_pair),
     _Convention("interleaved pairs and one angle per pair", "`fused_qk(..., interleaved=True)` (cos/sin of head_dim / 2)",
-                functools.partial(fused_interleaved_pos_emb, tables="once"), _one_angle_per_pair),
+                functools.partial(fused_interleaved_pos_emb, tables="once"),
+                functools.partial(fused_interleaved_pos_emb_one, tables="once"),
+                "`fused(..., interleaved=True)` (cos/sin of head_dim / 2)" + _ONE_TENSOR, _one_angle_per_pair),
     # Cohere and the models built from its code: each angle at the columns of both features of its
     # pair; the op reads every second column.
     _Convention("interleaved pairs and each angle at both features of its pair",
                 "`fused_qk(..., interleaved=True)` (cos/sin[..., ::2])",
-                functools.partial(fused_interleaved_pos_emb, tables="pairwise"), _angle_per_pair_feature),
+                functools.partial(fused_interleaved_pos_emb, tables="pairwise"),
+                functools.partial(fused_interleaved_pos_emb_one, tables="pairwise"),
+                "`fused(..., interleaved=True)` (cos/sin[..., ::2])" + _ONE_TENSOR, _angle_per_pair_feature),
     # NanoChat's rotate_half is cat(x2, -x1): each pair turned by the negated angle, which is the
     # op's gradient (itself differentiable).
     _Convention("half-split pairs turned by the negated angle", "`fused_qk_backward` (the rotation by -angle)",
-                functools.partial(fused_rotary_pos_emb, reverse=True)),
+                functools.partial(fused_rotary_pos_emb, reverse=True),
+                functools.partial(fused_rotary_pos_emb_one, reverse=True),
+                "`fused_backward` (the rotation by -angle)" + _ONE_TENSOR),
 )
 
 
@@ -374,13 +402,11 @@ def _prove(original: Any) -> Tuple[Optional[bool], Optional[_Convention], str]:
     names = _parameters(original)
     if names is None:
         return None, None, (f"its {_FUNCTION} does not have transformers' signature "
-                            "(q, k, cos, sin[, position_ids=None], unsqueeze_dim=1), or the one-tensor "
-                            "(x, cos, sin, unsqueeze_dim=1)")
+                            "(q, k, cos, sin[, position_ids=None], unsqueeze_dim=1), or a one-tensor one: "
+                            "(x, cos, sin, unsqueeze_dim=1) or GPT-J's (tensor, sin, cos)")
     signature = _SIGNATURES[names]
     problems = []
     for convention in _CONVENTIONS:
-        if signature.one_tensor and convention.fused_one is None:
-            continue
         cases = {name: case.with_tables(convention.tables)
                  for name, case in _proof_cases(signature.position_ids).items()}
         keep_dtype, problem = _prove_convention(original, convention, signature, cases)
@@ -398,11 +424,21 @@ def _as_pair(one: Callable[..., Any]) -> Callable[..., Tuple[Any, Any]]:
     return pair
 
 
+def _as_called(function: Callable[..., Any], signature: _Signature) -> Callable[..., Any]:
+    """A function of this signature (the module's own, or its replacement) as the proof calls it:
+    (q, k, cos, sin, *extra), in the order of the cases' arguments."""
+    if signature.sin_first:
+        return _as_pair(_as_cos_first(function))
+    if signature.one_tensor:
+        return _as_pair(function)
+    return function
+
+
 def _prove_convention(original: Any, convention: _Convention, signature: _Signature,
                       cases: Dict[str, "_Case"]) -> Tuple[bool, Optional[str]]:
     """(keep_dtype, None) where the op in this convention gives the function's result in every
     case the function takes, (False, what differs) otherwise."""
-    as_called = _as_pair(original) if signature.one_tensor else original
+    as_called = _as_called(original, signature)
     try:
         out_dtype = as_called(*cases["bfloat16-q-and-float32-angles"].args())[0].dtype
     except Exception as error:  # noqa: BLE001
@@ -410,9 +446,7 @@ def _prove_convention(original: Any, convention: _Convention, signature: _Signat
     if out_dtype not in (torch.bfloat16, torch.float32):
         return False, f"its {_FUNCTION} returns {out_dtype} for bfloat16 q and float32 cos/sin"
     keep_dtype = out_dtype == torch.bfloat16
-    replacement = _replacement(original, convention, signature, keep_dtype)
-    if signature.one_tensor:
-        replacement = _as_pair(replacement)
+    replacement = _as_called(_replacement(original, convention, signature, keep_dtype), signature)
     for name, case in cases.items():
         try:
             expected = _forward_and_grads(as_called, case)
@@ -429,7 +463,7 @@ def _prove_convention(original: Any, convention: _Convention, signature: _Signat
 
 
 def _op_serves(convention: _Convention, signature: _Signature, case: "_Case", keep_dtype: bool) -> bool:
-    if signature.one_tensor and convention.fused_one is not None:
+    if signature.one_tensor:
         return all(convention.fused_one(x, case.cos, case.sin, case.unsqueeze_dim, keep_dtype) is not None
                    for x in (case.q, case.k))
     return convention.fused(*case.fused_args(), keep_dtype=keep_dtype) is not None
@@ -538,14 +572,18 @@ def _replacement(original: Any, convention: _Convention, signature: _Signature,
     """The function installed in a module: the op where it serves the inputs, the original else."""
     fused_pos_emb = convention.fused
     fused_one = convention.fused_one
-    if signature.one_tensor:
-        assert fused_one is not None
-
+    if signature.sin_first:
+        def replacement_sin_first(tensor: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+            # GPT-J's and CodeGen's tensors are (B, S, H, D): their tables broadcast at dim 2.
+            fused = fused_one(tensor, cos, sin, 2, keep_dtype)
+            return original(tensor, sin, cos) if fused is None else fused
+        chosen: Callable[..., Any] = replacement_sin_first
+    elif signature.one_tensor:
         def replacement_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
                             ) -> torch.Tensor:
             fused = fused_one(x, cos, sin, unsqueeze_dim, keep_dtype)
             return original(x, cos, sin, unsqueeze_dim) if fused is None else fused
-        chosen: Callable[..., Any] = replacement_one
+        chosen = replacement_one
     elif signature.position_ids:
         def replacement_4x(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            position_ids: Optional[torch.Tensor] = None, unsqueeze_dim: int = 1
