@@ -11,11 +11,14 @@ import contextlib
 import copy
 import importlib
 import inspect
+import sys
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+import transformers
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
+from transformers.models.auto import modeling_auto
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 # Model variants: one per family, and Phi-3 with a partial rotary factor of 1/2, whose rotated
@@ -48,6 +51,9 @@ FAMILY_SIZES: Dict[str, Any] = dict(
     mamba_d_conv=4, mamba_expand=2, mamba_n_groups=1,
     # BLT: the width its local encoder and decoder exchange with its global transformer.
     hidden_size_global=TINY["hidden_size"],
+    # Vision towers' names of the common sizes (Qwen2-VL's), and the width they hand the text model.
+    depth=TINY["num_hidden_layers"], embed_dim=TINY["hidden_size"], num_heads=TINY["num_attention_heads"],
+    out_hidden_size=TINY["hidden_size"],
     # GPT-J's and CodeGen's names of the common sizes.
     n_embd=TINY["hidden_size"], n_layer=TINY["num_hidden_layers"], n_head=TINY["num_attention_heads"],
     n_inner=TINY["intermediate_size"], n_positions=TINY["max_position_embeddings"],
@@ -60,6 +66,7 @@ FAMILY_SIZES: Dict[str, Any] = dict(
 # What a family needs beyond that, by model type.
 FAMILY_OVERRIDES: Dict[str, Dict[str, Any]] = {
     "bamba": {"attn_layer_indices": [1]},
+    "esm": {"position_embedding_type": "rotary"},
     # GPT-J and CodeGen rotate the first rotary_dim features of each head (64 of 256 in GPT-J 6B).
     "gptj": {"rotary_dim": 8},
     "codegen": {"rotary_dim": 8},
@@ -91,6 +98,10 @@ def _shrunk(config_class: Any, overrides: Dict[str, Any]) -> Any:
         if hasattr(value, "to_dict") and hasattr(type(value), "model_type"):
             sizes[key] = _shrunk(type(value), {})
     sizes.update(overrides)
+    if _mrope(config_class):
+        rope = dict(values.get("rope_parameters") or {})
+        head_dim = sizes.get("head_dim", TINY["hidden_size"] // TINY["num_attention_heads"])
+        sizes["rope_parameters"] = dict(rope, mrope_section=_mrope_sections(rope, head_dim))
     # One layer of each kind the family mixes (attention and linear attention, sliding and full).
     kinds = getattr(defaults, "layer_types", None)
     if isinstance(kinds, list) and kinds and "layer_types" not in overrides:
@@ -101,6 +112,27 @@ def _shrunk(config_class: Any, overrides: Dict[str, Any]) -> Any:
         except (TypeError, ValueError, AttributeError):
             pass  # a family whose layer kinds follow from other settings
     return config_class(**sizes)
+
+
+def _mrope(config_class: Any) -> bool:
+    """Whether the config is of a text model with mRoPE (angles from several position ids), whose
+    sections, where the config sets none, default in the modeling code to a full-size head."""
+    try:
+        source = inspect.getsource(sys.modules[config_class.__module__])
+    except (OSError, TypeError, KeyError):
+        return False
+    return "mrope_section" in source and "num_attention_heads" in config_class().to_dict()
+
+
+def _mrope_sections(rope: Dict[str, Any], head_dim: int) -> List[int]:
+    """mRoPE's sections (the pairs each position id drives: time, height, width) shrunk in
+    proportion to a tiny head: they cover its rotated pairs, each section at least one pair.
+    Without sections in the config, those of Qwen2-VL and GLM-4V (2:3:3)."""
+    sections = list(rope.get("mrope_section") or [2, 3, 3])
+    pairs = int(head_dim * rope.get("partial_rotary_factor", 1.0)) // 2
+    shrunk = [max(1, section * pairs // sum(sections)) for section in sections]
+    shrunk[0] += pairs - sum(shrunk)
+    return shrunk
 
 
 def tiny_config(model_type: str) -> Any:
@@ -117,18 +149,62 @@ def causal_lm_types(module_name: str) -> List[str]:
     return sorted(types, key=lambda t: (not t.endswith("_text"), t))
 
 
-def tiny_family_model(model_type: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """A tiny random causal LM of the family (seeded: the same weights every time), in eval mode."""
+def tiny_family_model(model_type: str, device: str, dtype: torch.dtype, kind: str = "CAUSAL_LM") -> torch.nn.Module:
+    """A tiny random model of the family (seeded: the same weights every time), in eval mode: its
+    causal LM, or its model of another kind of TEXT_MODEL_KINDS."""
     torch.manual_seed(1234)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type), attn_implementation="eager")
+    auto_class = AutoModelForCausalLM if kind == "CAUSAL_LM" else getattr(transformers, TEXT_MODEL_KINDS[kind])
+    model = auto_class.from_config(tiny_config(model_type), attn_implementation="eager")
     return model.to(device=device, dtype=dtype).eval()
 
 
-def float32_twin(model: torch.nn.Module, model_type: str) -> torch.nn.Module:
+def float32_twin(model: torch.nn.Module, model_type: str, kind: str = "CAUSAL_LM") -> torch.nn.Module:
     """A float32 model of the family with the same (rounded) weights as `model`."""
-    twin = tiny_family_model(model_type, str(next(model.parameters()).device), torch.float32)
+    twin = tiny_family_model(model_type, str(next(model.parameters()).device), torch.float32, kind)
     twin.load_state_dict(model.state_dict())
     return twin
+
+
+# The model classes that take token ids alone, for the families without a causal LM (encoders,
+# encoder-decoders, and vision-language models run on text), in the order they are tried: the
+# name of transformers' mapping (MODEL_FOR_<kind>_MAPPING_NAMES) and its auto class.
+TEXT_MODEL_KINDS: Dict[str, str] = {
+    "MASKED_LM": "AutoModelForMaskedLM",
+    "TOKEN_CLASSIFICATION": "AutoModelForTokenClassification",
+    "SEQUENCE_CLASSIFICATION": "AutoModelForSequenceClassification",
+    "IMAGE_TEXT_TO_TEXT": "AutoModelForImageTextToText",
+    "MULTIMODAL_LM": "AutoModelForMultimodalLM",
+    "SEQ_TO_SEQ_CAUSAL_LM": "AutoModelForSeq2SeqLM",
+}
+
+
+def text_model_type(module_name: str) -> Optional[Tuple[str, str]]:
+    """(model type, kind) of the first class of TEXT_MODEL_KINDS that the modeling module
+    defines, or None (a model of images, audio or time series alone)."""
+    module = importlib.import_module(module_name)
+    for kind in TEXT_MODEL_KINDS:
+        mapping = getattr(modeling_auto, f"MODEL_FOR_{kind}_MAPPING_NAMES")
+        for model_type, names in mapping.items():
+            for name in names if isinstance(names, (list, tuple)) else [names]:
+                if getattr(getattr(module, name, None), "__module__", None) == module_name:
+                    return model_type, kind
+    return None
+
+
+def text_step(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
+              ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """A model's first output (logits, or hidden states) for token ids alone, and the gradient of
+    every parameter after one backward of a fixed random weighting of it."""
+    model.zero_grad(set_to_none=True)
+    inputs: Dict[str, Any] = dict(input_ids=ids, attention_mask=mask)
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = ids
+    out = model(**inputs)
+    first = out.logits if getattr(out, "logits", None) is not None else out[0]
+    weights = torch.randn(first.shape, generator=torch.Generator().manual_seed(3)).to(first.device)
+    (first.float() * weights).sum().backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return first.detach(), grads
 
 
 @contextlib.contextmanager

@@ -2,7 +2,9 @@
 finds them (not a list kept here: a new release's families are tested without an edit): a tiny
 random causal LM of each, built from its config (no download), gives the unpatched model's logits
 and every parameter's gradient, generates the same tokens from left-padded prompts, and runs the
-fused op in its attention.
+fused op in its attention. A family without a causal LM (an encoder, an encoder-decoder, a
+vision-language model) is run on token ids alone through its first model class that takes them
+(hf_tiny_models.TEXT_MODEL_KINDS): the same output and gradients, and the op run.
 
 float32 on the CPU must match transformers to float32 rounding; bfloat16 on a GPU must be as close
 to a float32 run of the same weights as transformers' bfloat16 model is with its RoPE rounded once
@@ -19,7 +21,8 @@ import torch
 
 import rope_kernels
 from hf_tiny_models import (OpCounter, assert_generates_the_same, assert_matches_unpatched, causal_lm_types,
-                            float32_twin, padded_batch, rope_rounded_once, tiny_family_model, training_step)
+                            float32_twin, padded_batch, rope_rounded_once, text_model_type, text_step,
+                            tiny_family_model, training_step)
 from rope_env import requires_cuda
 
 # Families whose tiny model the generic config (hf_tiny_models.tiny_config) cannot build yet, and
@@ -31,21 +34,56 @@ NO_TINY_MODEL_YET: Dict[str, str] = {
 }
 
 
+# Families without a causal LM whose tiny model of TEXT_MODEL_KINDS does not build or run on
+# token ids alone yet, and why (strict, as above).
+NO_TINY_TEXT_MODEL_YET: Dict[str, str] = {
+    "chameleon": "its tiny config leaves the VQ model's settings unset",
+    "deepseek_ocr2": "its tiny config leaves the vision encoder's settings unset",
+    "diffusion_gemma": "its config has no text model class the auto classes know",
+    "ernie4_5_vl_moe": "its config refuses the tiny mixture-of-experts sizes",
+    "esmc": "its config refuses the tiny sizes",
+    "evolla": "its config has no model class the auto classes know",
+    "granite4_vision": "its text model reads attention_multiplier, which the tiny Llama config lacks",
+    "idefics": "it takes no forward without images",
+    "kyutai_speech_to_text": "its audio token ids lie outside the tiny vocabulary",
+    "mistral4": "its tiny multi-head latent attention sizes do not fit together",
+    "paddleocr_vl": "its mRoPE sections are not read from the config's rope_parameters",
+    "qwen2_5_omni_thinker": "its config has no vision_start_token_id",
+    "qwen3_omni_moe_thinker": "its config has no vision_start_token_id",
+    "voxtral_realtime": "it takes no forward without audio",
+}
+
+
 def _families() -> List[Any]:
     params = []
-    for status in rope_kernels.patch_transformers(dry_run=True).report:
-        if not status.patched:
-            continue
+    for status in _patched():
         types = causal_lm_types(status.module)
         if not types:
-            continue  # encoders, vision and audio models: no causal LM to build
+            continue  # encoders, vision and audio models: TEXT_FAMILIES
         marks = [pytest.mark.xfail(strict=True, reason=NO_TINY_MODEL_YET[types[0]])] \
             if types[0] in NO_TINY_MODEL_YET else []
         params.append(pytest.param(types[0], id=types[0], marks=marks))
     return params
 
 
+def _text_families() -> List[Any]:
+    params = []
+    for status in _patched():
+        found = None if causal_lm_types(status.module) else text_model_type(status.module)
+        if found is None:
+            continue  # a causal LM (FAMILIES), or images, audio, time series alone
+        marks = [pytest.mark.xfail(strict=True, reason=NO_TINY_TEXT_MODEL_YET[found[0]])] \
+            if found[0] in NO_TINY_TEXT_MODEL_YET else []
+        params.append(pytest.param(*found, id=found[0], marks=marks))
+    return params
+
+
+def _patched() -> List[Any]:
+    return [status for status in rope_kernels.patch_transformers(dry_run=True).report if status.patched]
+
+
 FAMILIES = _families()
+TEXT_FAMILIES = _text_families()
 DEVICE_DTYPES = [
     pytest.param("cpu", torch.float32, id="cpu-fp32"),
     pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
@@ -100,6 +138,39 @@ def test_patched_attention_runs_the_fused_op(model_type: str) -> None:
         counter = OpCounter()
         with rope_kernels.patch_transformers(model) if patch else contextlib.nullcontext(), counter, torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
+        counts.append(sum(1 for op in counter.calls if op.namespace == "rope"))
+    assert counts[0] == 0 and counts[1] >= 1, counts
+
+
+@pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
+@pytest.mark.parametrize(("model_type", "kind"), TEXT_FAMILIES)
+def test_text_model_matches_transformers(model_type: str, kind: str, device: str, dtype: torch.dtype) -> None:
+    # As test_training_step_matches_transformers, for a family without a causal LM: its model of
+    # `kind` on token ids alone, its first output and every parameter's gradient.
+    model = tiny_family_model(model_type, device, dtype, kind)
+    ids, mask = padded_batch(device, side="right")
+    baseline = contextlib.nullcontext() if dtype == torch.float32 else rope_rounded_once(type(model).__module__)
+    with baseline:
+        output, grads = text_step(model, ids, mask)
+    with rope_kernels.patch_transformers(model):
+        patched_output, patched_grads = text_step(model, ids, mask)
+    reference_output, reference_grads = (text_step(float32_twin(model, model_type, kind), ids, mask)
+                                         if dtype != torch.float32 else (output, grads))
+    assert_matches_unpatched(patched_output, output, reference_output, "output", dtype)
+    assert patched_grads.keys() == grads.keys() and len(grads) > 0
+    for name in grads:
+        assert_matches_unpatched(patched_grads[name], grads[name], reference_grads[name], f"grad of {name}", dtype)
+
+
+@pytest.mark.parametrize(("model_type", "kind"), TEXT_FAMILIES)
+def test_patched_text_model_runs_the_fused_op(model_type: str, kind: str) -> None:
+    model = tiny_family_model(model_type, "cpu", torch.float32, kind)
+    ids, mask = padded_batch("cpu", side="right")
+    counts = []
+    for patch in (False, True):
+        counter = OpCounter()
+        with rope_kernels.patch_transformers(model) if patch else contextlib.nullcontext(), counter:
+            text_step(model, ids, mask)
         counts.append(sum(1 for op in counter.calls if op.namespace == "rope"))
     assert counts[0] == 0 and counts[1] >= 1, counts
 
