@@ -60,9 +60,9 @@ FAMILY_SIZES: Dict[str, Any] = dict(
     n_ctx=TINY["max_position_embeddings"],
     # Gemma 3n's and Gemma 4's per-layer input embeddings, 262,144 rows by default.
     vocab_size_per_layer_input=TINY["vocab_size"],
-    # The RoPE of apply_rotary_pos_emb where a family has others: half-split pairs in DeepSeek-V3's
-    # attention (its interleaved weights take another function), rotary positions in Granite 4's.
-    rope_interleave=False, position_embedding_type="rope")
+    # Rotary positions in Granite 4's attention (its default is none). DeepSeek-V3's MLA keeps its
+    # default, rope_interleave=True, as its checkpoints have it: apply_rotary_pos_emb_interleave.
+    position_embedding_type="rope")
 # What a family needs beyond that, by model type.
 FAMILY_OVERRIDES: Dict[str, Dict[str, Any]] = {
     "bamba": {"attn_layer_indices": [1]},
@@ -83,6 +83,8 @@ FAMILY_OVERRIDES: Dict[str, Dict[str, Any]] = {
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
     "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
     "zaya": {"num_experts_per_tok": 1},
+    # LongCat-Flash: its zero-computation experts and expert width.
+    "longcat_flash": {"zero_expert_num": 2, "expert_ffn_hidden_size": 32, "moe_topk": 2, "num_layers": 2},
 }
 
 
@@ -209,13 +211,26 @@ def text_step(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
 
 @contextlib.contextmanager
 def rope_rounded_once(module_name: str) -> Iterator[None]:
-    """The module's own apply_rotary_pos_emb computed in float32 and rounded once to the dtype it
-    returns: what a fused kernel computes, by the module's own formula. In 16-bit models it is the
-    baseline of the patched model (the formula's three roundings move some results of a tiny model
-    more than a fused kernel's one does, or less)."""
+    """The module's own RoPE functions (apply_rotary_pos_emb, and DeepSeek-V3's
+    apply_rotary_pos_emb_interleave where it has it) computed in float32 and rounded once to the
+    dtype they return: what a fused kernel computes, by the module's own formula. In 16-bit models
+    it is the baseline of the patched model (the formula's three roundings move some results of a
+    tiny model more than a fused kernel's one does, or less)."""
     module = importlib.import_module(module_name)
-    original = module.apply_rotary_pos_emb
+    originals = {name: getattr(module, name) for name in ROPE_FUNCTIONS if hasattr(module, name)}
+    for name, original in originals.items():
+        setattr(module, name, _rounded_once(original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(module, name, original)
 
+
+ROPE_FUNCTIONS = ("apply_rotary_pos_emb", "apply_rotary_pos_emb_interleave")
+
+
+def _rounded_once(original: Any) -> Any:
     # Pairs (q, k, cos, sin, ...), or one tensor: (x, cos, sin, ...) as Gemma 3n's and Gemma 4's,
     # (tensor, sin, cos) as GPT-J's.
     rotated = 1 if next(iter(inspect.signature(original).parameters)) in ("x", "tensor") else 2
@@ -228,12 +243,7 @@ def rope_rounded_once(module_name: str) -> Iterator[None]:
         if rotated == 1:
             return wide.to(dtypes[0])
         return tuple(t.to(dtype) for t, dtype in zip(wide, dtypes))
-
-    module.apply_rotary_pos_emb = rounded_once
-    try:
-        yield
-    finally:
-        module.apply_rotary_pos_emb = original
+    return rounded_once
 
 
 def tiny_model(variant: str, device: str, dtype: torch.dtype) -> torch.nn.Module:

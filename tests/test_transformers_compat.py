@@ -172,10 +172,17 @@ def test_modules_imported_after_the_patch_are_patched_as_they_load() -> None:
 
 def test_dry_run_reports_every_modeling_module_and_changes_nothing() -> None:
     handle = rope_kernels.patch_transformers(dry_run=True)
-    modules = [status.module for status in handle.report]
+    modules = list(dict.fromkeys(status.module for status in handle.report))
     assert modules == rope_kernels.transformers_patch.all_modeling_modules()
     assert rope_kernels.patched_modules() == ()
-    status = {s.module.split(".")[2]: s for s in handle.report}
+    status = {s.module.split(".")[2]: s for s in handle.report if s.function == "apply_rotary_pos_emb"}
+    # DeepSeek-V3's second function, which its MLA calls with rope_interleave=True (its checkpoints'
+    # setting): interleaved pairs in, half-split out. LongCat-Flash defines it alone.
+    interleave = {s.module.split(".")[2]: s for s in handle.report if s.function == "apply_rotary_pos_emb_interleave"}
+    for family in ("deepseek_v3", "longcat_flash", "glm4_moe_lite", "mistral4"):
+        assert interleave[family].patched, interleave[family]
+        assert interleave[family].convention == "`fused_qk(..., interleaved=True, interleaved_out=False)`"
+    assert "longcat_flash" not in status
     for family in FAMILIES:
         assert status[family].patched, status[family]
     # GLM pairs the features interleaved: patched with the op's interleaved=True. Cohere's pairs are

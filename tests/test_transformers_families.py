@@ -79,7 +79,12 @@ def _text_families() -> List[Any]:
 
 
 def _patched() -> List[Any]:
-    return [status for status in rope_kernels.patch_transformers(dry_run=True).report if status.patched]
+    # One status a module: the first of its patched functions.
+    statuses = {}
+    for status in rope_kernels.patch_transformers(dry_run=True).report:
+        if status.patched:
+            statuses.setdefault(status.module, status)
+    return list(statuses.values())
 
 
 FAMILIES = _families()

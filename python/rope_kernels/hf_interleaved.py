@@ -106,17 +106,14 @@ def apply_rotary_pos_emb_interleave(
     cos/sin ``(batch or 1, seq, D)``; see the module documentation. Returns new tensors;
     differentiable in q and k.
     """
-    seq_dim = _seq_dim(q, k, unsqueeze_dim)
-    if seq_dim < 0:
+    # Every feature is rotated, by the first half of a full-width table: D columns for D features
+    # (a narrower table is not DeepSeek's call: its formula raises on it).
+    fused: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    if cos.size(-1) == q.size(-1):
+        fused = fused_interleaved_pos_emb(q, k, cos, sin, position_ids, unsqueeze_dim, interleaved_out=False)
+    if fused is None:
         return interleave_by_formula(q, k, cos, sin, position_ids, unsqueeze_dim)
-    dtype = formula_dtype(q, cos, sin)
-    # Every feature is rotated, by the first half of a full-width table: D columns for D features.
-    if cos.size(-1) != q.size(-1) or not per_token_angles(cos, q.size(0), q.size(seq_dim)) \
-            or not op_takes(q, k, cos, sin, seq_dim, dtype):
-        return interleave_by_formula(q, k, cos, sin, position_ids, unsqueeze_dim)
-    q, k, cos, sin = in_dtype(q, k, cos, sin, dtype)
-    return torch.ops.rope.fused_qk(q, k, cos, sin, None, interleaved=True, interleaved_out=False,
-                                   layout="bhsd" if seq_dim == 2 else "bshd")
+    return fused
 
 
 def _interleaved_call(
@@ -157,6 +154,7 @@ def fused_interleaved_pos_emb(
     unsqueeze_dim: int = 1,
     keep_dtype: bool = False,
     tables: str = "twice",
+    interleaved_out: bool = True,
 ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """GLM's ``apply_rotary_pos_emb`` result from the fused op (interleaved pairs over the first
     ``cos.shape[-1]`` features, the rest passed through), or None for inputs the op does not serve.
@@ -164,12 +162,14 @@ def fused_interleaved_pos_emb(
     the modules that compute in float32 and cast back (ERNIE 4.5) return it. ``tables``: the form of
     cos/sin (see ``pair_tables``): ``"twice"``, transformers' own; ``"once"``, one angle per pair for
     every feature (OpenAI's privacy filter); ``"pairwise"``, each angle at both columns of its pair
-    (Cohere, BLT, EfficientLoFTR, LightGlue, ERNIE 4.5 VL's text model)."""
+    (Cohere, BLT, EfficientLoFTR, LightGlue, ERNIE 4.5 VL's text model). ``interleaved_out=False``:
+    the pairs written half-split, as DeepSeek-V3's ``apply_rotary_pos_emb_interleave`` does."""
     call = _interleaved_call(q, k, cos, sin, unsqueeze_dim, keep_dtype, tables)
     if call is None:
         return None
     q, k, cos, sin, rotary_dim, layout = call
-    return torch.ops.rope.fused_qk(q, k, cos, sin, None, interleaved=True, rotary_dim=rotary_dim, layout=layout)
+    return torch.ops.rope.fused_qk(q, k, cos, sin, None, interleaved=True, interleaved_out=interleaved_out,
+                                   rotary_dim=rotary_dim, layout=layout)
 
 
 def fused_interleaved_pos_emb_one(
@@ -179,6 +179,7 @@ def fused_interleaved_pos_emb_one(
     unsqueeze_dim: int = 1,
     keep_dtype: bool = False,
     tables: str = "twice",
+    interleaved_out: bool = True,
 ) -> Optional[torch.Tensor]:
     """One tensor rotated with interleaved pairs by the fused op (``rope::fused``), as GPT-J's and
     CodeGen's ``apply_rotary_pos_emb(tensor, sin, cos)`` rotates q and k by separate calls, or None
@@ -187,7 +188,8 @@ def fused_interleaved_pos_emb_one(
     if call is None:
         return None
     x, _, cos, sin, rotary_dim, layout = call
-    return torch.ops.rope.fused(x, cos, sin, None, interleaved=True, rotary_dim=rotary_dim, layout=layout)
+    return torch.ops.rope.fused(x, cos, sin, None, interleaved=True, interleaved_out=interleaved_out,
+                                rotary_dim=rotary_dim, layout=layout)
 
 
 def apply_rotary_pos_emb_glm(

@@ -25,14 +25,19 @@ def families_table() -> str:
     import transformers
 
     report = patch_transformers(dry_run=True).report
-    patched = sum(status.patched for status in report)
+    modules = {status.module for status in report}
+    left_alone = {status.module for status in report if not status.patched}
     lines: List[str] = [
         "# transformers families",
         "",
         f"What `rope_kernels.patch_transformers()` does with each modeling module of transformers "
-        f"{transformers.__version__} that defines `apply_rotary_pos_emb`: {patched} of {len(report)} patched. "
+        f"{transformers.__version__} that defines `apply_rotary_pos_emb` or DeepSeek-V3's "
+        f"`apply_rotary_pos_emb_interleave` (a row for each function a module defines): "
+        f"{len(modules - left_alone)} of {len(modules)} modules patched, "
+        f"{sum(status.patched for status in report)} of {len(report)} functions. "
         "A patched module's `apply_rotary_pos_emb` calls `fused_qk` with half-split pairs (Llama's) or, where the "
-        "module pairs features as GLM and Cohere do, `interleaved=True`; `fused_qk_backward` where it turns pairs "
+        "module pairs features as GLM and Cohere do, `interleaved=True` (and `interleaved_out=False` for DeepSeek-V3's "
+        "interleaved-in, half-split-out function); `fused_qk_backward` where it turns pairs "
         "by the negated angle (NanoChat), `fused` for one-tensor functions (Gemma 3n, Gemma 4, GPT-J's "
         "`(tensor, sin, cos)`); with `rotary_dim` "
         "where the angles are narrower than the head, cos/sin as they are where they hold one angle per pair "
@@ -51,6 +56,8 @@ def families_table() -> str:
     ]
     for status in report:
         family = status.module.split(".")[2]
+        if status.function != "apply_rotary_pos_emb":
+            family += f" (`{status.function}`)"
         lines.append(f"| {family} | {'patched' if status.patched else 'not patched'} | {_how(status)} |")
     return "\n".join(lines) + "\n"
 

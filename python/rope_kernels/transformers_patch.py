@@ -51,12 +51,16 @@ from .hf_compat import fused_rotary_pos_emb, fused_rotary_pos_emb_one
 from .hf_interleaved import fused_interleaved_pos_emb, fused_interleaved_pos_emb_one
 
 _FUNCTION = "apply_rotary_pos_emb"
+# Functions some modules define beside it, each proven and patched on its own: DeepSeek-V3's (and
+# its descendants') interleaved-in, half-split-out function, which MLA models call with
+# rope_interleave=True, their checkpoints' setting.
+_OTHER_FUNCTIONS = ("apply_rotary_pos_emb_interleave",)
 _MODULE_PREFIX = "transformers.models."
 _MODELING = re.compile(r"^transformers\.models\.(\w+)\.modeling_\w+$")
 _REPLACED = "_rope_kernels_replaces"  # attribute of a replacement: the function it replaces
 
-# Modeling module name -> the object its apply_rotary_pos_emb held before it was patched.
-_originals: Dict[str, Any] = {}
+# (modeling module, function name) -> the object the function held before it was patched.
+_originals: Dict[Tuple[str, str], Any] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,13 +72,15 @@ class ModuleStatus:
     reason: str
     keep_dtype: bool = False  # patched: the result in q's dtype, as the module's function returns it
     convention: str = ""  # patched: the op's arguments that compute the module's function
+    function: str = _FUNCTION  # the function examined (apply_rotary_pos_emb, or one of _OTHER_FUNCTIONS)
 
     def __str__(self) -> str:
-        return f"{self.module}: {'patched' if self.patched else 'left alone'}: {self.reason}"
+        name = self.module if self.function == _FUNCTION else f"{self.module}.{self.function}"
+        return f"{name}: {'patched' if self.patched else 'left alone'}: {self.reason}"
 
 
-# Modeling module -> (the function it held when examined, its status).
-_examined: Dict[str, Tuple[Any, ModuleStatus]] = {}
+# (modeling module, function name) -> (the function it held when examined, its status).
+_examined: Dict[Tuple[str, str], Tuple[Any, ModuleStatus]] = {}
 
 
 class TransformersPatch:
@@ -92,25 +98,25 @@ class TransformersPatch:
         statuses = list(self._report)
         if self._hooked:
             seen = {status.module for status in statuses}
-            statuses += [entry[1] for name, entry in sorted(_examined.items())
-                         if name not in seen and name in _hooked_modules]
+            statuses += [entry[1] for key, entry in sorted(_examined.items())
+                         if key[0] not in seen and key[0] in _hooked_modules]
         return tuple(statuses)
 
     @property
     def modules(self) -> Tuple[str, ...]:
         """The modeling modules this call patched (or found already patched; in a dry run, those it
         would patch)."""
-        return tuple(status.module for status in self.report if status.patched)
+        return tuple(dict.fromkeys(status.module for status in self.report if status.patched))
 
     def undo(self) -> None:
         """Restore the original ``apply_rotary_pos_emb`` of every module this call patched."""
         if self._dry_run:
             return
-        names = self.modules
+        patched = [status for status in self.report if status.patched]
         if self._hooked:
             _remove_import_hook()
-        for name in names:
-            _restore(name)
+        for status in patched:
+            _restore((status.module, status.function))
 
     def __enter__(self) -> "TransformersPatch":
         return self
@@ -144,16 +150,15 @@ def patch_transformers(model_or_class: Any = None, *, dry_run: bool = False) -> 
     _import_transformers()
     if model_or_class is None:
         names = all_modeling_modules() if dry_run else _loaded_modeling_modules()
-        report = [_examine(name) for name in names]
-        report = [status for status in report if status is not None]
+        report = [status for name in names for status in _examine_all(name)]
         if not dry_run:
             for status in report:
                 if status.patched:
-                    _install(status.module)
+                    _install(status)
             _add_import_hook()
         return TransformersPatch(report, dry_run=dry_run, hooked=not dry_run)
     names, what = _modules_of_target(model_or_class)
-    report = [status for status in (_examine(name) for name in names) if status is not None]
+    report = [status for name in names for status in _examine_all(name)]
     if not any(status.patched for status in report):
         reasons = "; ".join(str(status) for status in report) or "it holds no transformers modeling module"
         raise ValueError(f"rope_kernels.patch_transformers: {what} has no layer whose RoPE the op computes "
@@ -161,25 +166,27 @@ def patch_transformers(model_or_class: Any = None, *, dry_run: bool = False) -> 
     if not dry_run:
         for status in report:
             if status.patched:
-                _install(status.module)
+                _install(status)
     return TransformersPatch(report, dry_run=dry_run)
 
 
 def unpatch_transformers() -> None:
     """Restore every modeling module patched by ``patch_transformers`` and remove its import hook."""
     _remove_import_hook()
-    for name in list(_originals):
-        _restore(name)
+    for key in list(_originals):
+        _restore(key)
 
 
 def patched_modules() -> Tuple[str, ...]:
-    """The modeling modules whose ``apply_rotary_pos_emb`` is currently the fused op."""
-    return tuple(sorted(_originals))
+    """The modeling modules whose ``apply_rotary_pos_emb`` (or DeepSeek-V3's
+    ``apply_rotary_pos_emb_interleave``) is currently the fused op."""
+    return tuple(sorted({module for module, _ in _originals}))
 
 
 def all_modeling_modules() -> List[str]:
     """Every modeling module of the installed transformers that defines ``apply_rotary_pos_emb``
-    (found in the sources, without importing anything)."""
+    or DeepSeek-V3's ``apply_rotary_pos_emb_interleave`` (found in the sources, without importing
+    anything)."""
     _import_transformers()
     root = Path(sys.modules["transformers"].__file__).parent / "models"
     names = []
@@ -188,7 +195,7 @@ def all_modeling_modules() -> List[str]:
             source = path.read_text(encoding="utf-8")
         except OSError:
             continue
-        if re.search(rf"^def {_FUNCTION}\(", source, re.MULTILINE):
+        if re.search(rf"^def ({'|'.join((_FUNCTION,) + _OTHER_FUNCTIONS)})\(", source, re.MULTILINE):
             names.append(f"{_MODULE_PREFIX}{path.parent.name}.{path.stem}")
     return names
 
@@ -207,7 +214,11 @@ def _import_transformers() -> None:
 
 def _loaded_modeling_modules() -> List[str]:
     return sorted(name for name, module in list(sys.modules.items())
-                  if module is not None and _MODELING.match(name) and hasattr(module, _FUNCTION))
+                  if module is not None and _MODELING.match(name) and _defines_a_function(module))
+
+
+def _defines_a_function(module: types.ModuleType) -> bool:
+    return any(hasattr(module, function) for function in (_FUNCTION,) + _OTHER_FUNCTIONS)
 
 
 def _modules_of_target(target: Any) -> Tuple[List[str], str]:
@@ -252,40 +263,57 @@ def _module_for_family(family: str) -> str:
 # The proof: the op gives the module's own function's result
 
 
-def _examine(module_name: str) -> Optional[ModuleStatus]:
-    """The status of one module (None for a module that is not a transformers modeling module)."""
+def _examine_all(module_name: str) -> List[ModuleStatus]:
+    """The statuses of one module: of its apply_rotary_pos_emb, and of each of _OTHER_FUNCTIONS it
+    defines and calls (none for a module that is not a transformers modeling module)."""
+    status = _examine(module_name)
+    if status is None:
+        return []
+    module = sys.modules.get(module_name)
+    others = [_examine(module_name, function) for function in _OTHER_FUNCTIONS
+              if module is not None and hasattr(module, function) and _calls_the_function(module, function)]
+    found = [other for other in others if other is not None]
+    if found and not hasattr(module, _FUNCTION):
+        return found  # (LongCat-Flash, GLM-5: DeepSeek-V3's interleaved function alone)
+    return [status] + found
+
+
+def _examine(module_name: str, function: str = _FUNCTION) -> Optional[ModuleStatus]:
+    """The status of one function of a module (None for a module that is not a transformers
+    modeling module)."""
     if not _MODELING.match(module_name):
         return None
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # noqa: BLE001  (a modeling module whose dependencies are missing)
         return ModuleStatus(module_name, False, f"cannot be imported here ({type(error).__name__}: {error})")
-    current = getattr(module, _FUNCTION, None)
+    current = getattr(module, function, None)
     if current is None:
-        return ModuleStatus(module_name, False, f"defines no {_FUNCTION}")
-    if not _calls_the_function(module):
-        return ModuleStatus(module_name, False, f"defines {_FUNCTION} but never calls it (its attention has no RoPE)")
+        return ModuleStatus(module_name, False, f"defines no {function}", function=function)
+    if not _calls_the_function(module, function):
+        return ModuleStatus(module_name, False, f"defines {function} but never calls it (its attention has no RoPE)",
+                            function=function)
     original = getattr(current, _REPLACED, current)
-    cached = _examined.get(module_name)
+    cached = _examined.get((module_name, function))
     if cached is not None and cached[0] is original:
         return cached[1]
-    keep_dtype, convention, reason = _prove(original)
+    keep_dtype, convention, reason = _prove(original, function)
     names = _parameters(original)
     one_tensor = names is not None and _SIGNATURES[names].one_tensor
     arguments = "" if convention is None else convention.arguments_one if one_tensor else convention.arguments
-    status = ModuleStatus(module_name, convention is not None, reason, bool(keep_dtype), arguments)
-    _examined[module_name] = (original, status)
+    status = ModuleStatus(module_name, convention is not None, reason, bool(keep_dtype), arguments, function)
+    _examined[(module_name, function)] = (original, status)
     return status
 
 
-def _calls_the_function(module: types.ModuleType) -> bool:
+def _calls_the_function(module: types.ModuleType, function: str = _FUNCTION) -> bool:
     """Whether the module's source calls the function anywhere but in its definition (some
     modules keep a copy their layers never call). True where the source cannot be read."""
     try:
         source = inspect.getsource(module)
     except (OSError, TypeError):
         return True
-    return re.search(rf"(?<!def ){_FUNCTION}\(", source) is not None
+    return re.search(rf"(?<!def ){function}\(", source) is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,6 +413,12 @@ _CONVENTIONS = (
                 functools.partial(fused_interleaved_pos_emb, tables="pairwise"),
                 functools.partial(fused_interleaved_pos_emb_one, tables="pairwise"),
                 "`fused(..., interleaved=True)` (cos/sin[..., ::2])" + _ONE_TENSOR, _angle_per_pair_feature),
+    # DeepSeek-V3's apply_rotary_pos_emb_interleave (and its descendants'): pairs read interleaved,
+    # written half-split.
+    _Convention("interleaved pairs in and half-split pairs out", "`fused_qk(..., interleaved=True, interleaved_out=False)`",
+                functools.partial(fused_interleaved_pos_emb, interleaved_out=False),
+                functools.partial(fused_interleaved_pos_emb_one, interleaved_out=False),
+                "`fused(..., interleaved=True, interleaved_out=False)`" + _ONE_TENSOR),
     # NanoChat's rotate_half is cat(x2, -x1): each pair turned by the negated angle, which is the
     # op's gradient (itself differentiable).
     _Convention("half-split pairs turned by the negated angle", "`fused_qk_backward` (the rotation by -angle)",
@@ -394,14 +428,14 @@ _CONVENTIONS = (
 )
 
 
-def _prove(original: Any) -> Tuple[Optional[bool], Optional[_Convention], str]:
+def _prove(original: Any, function: str = _FUNCTION) -> Tuple[Optional[bool], Optional[_Convention], str]:
     """(keep_dtype, convention, why) where the op computes the function, (None, None, why not)
     otherwise. The conventions are tried in turn; the first that gives the function's result in
     every form it is called with is taken. A one-tensor function is proven on q and k through two
     calls, as attention layers make them."""
     names = _parameters(original)
     if names is None:
-        return None, None, (f"its {_FUNCTION} does not have transformers' signature "
+        return None, None, (f"its {function} does not have transformers' signature "
                             "(q, k, cos, sin[, position_ids=None], unsqueeze_dim=1), or a one-tensor one: "
                             "(x, cos, sin, unsqueeze_dim=1) or GPT-J's (tensor, sin, cos)")
     signature = _SIGNATURES[names]
@@ -409,12 +443,12 @@ def _prove(original: Any) -> Tuple[Optional[bool], Optional[_Convention], str]:
     for convention in _CONVENTIONS:
         cases = {name: case.with_tables(convention.tables)
                  for name, case in _proof_cases(signature.position_ids).items()}
-        keep_dtype, problem = _prove_convention(original, convention, signature, cases)
+        keep_dtype, problem = _prove_convention(original, function, convention, signature, cases)
         if problem is None:
-            return keep_dtype, convention, (f"the op computes its {_FUNCTION} with {convention.name}, forward and "
+            return keep_dtype, convention, (f"the op computes its {function} with {convention.name}, forward and "
                                             "backward" + (" (result in q's dtype)" if keep_dtype else ""))
         problems.append(f"with {convention.name}, {problem}")
-    return None, None, f"no convention of the op gives its {_FUNCTION}: " + "; ".join(problems)
+    return None, None, f"no convention of the op gives its {function}: " + "; ".join(problems)
 
 
 def _as_pair(one: Callable[..., Any]) -> Callable[..., Tuple[Any, Any]]:
@@ -434,7 +468,7 @@ def _as_called(function: Callable[..., Any], signature: _Signature) -> Callable[
     return function
 
 
-def _prove_convention(original: Any, convention: _Convention, signature: _Signature,
+def _prove_convention(original: Any, function: str, convention: _Convention, signature: _Signature,
                       cases: Dict[str, "_Case"]) -> Tuple[bool, Optional[str]]:
     """(keep_dtype, None) where the op in this convention gives the function's result in every
     case the function takes, (False, what differs) otherwise."""
@@ -442,18 +476,18 @@ def _prove_convention(original: Any, convention: _Convention, signature: _Signat
     try:
         out_dtype = as_called(*cases["bfloat16-q-and-float32-angles"].args())[0].dtype
     except Exception as error:  # noqa: BLE001
-        return False, f"its {_FUNCTION} raised on a (B, H, S, D) call ({type(error).__name__}: {error})"
+        return False, f"its {function} raised on a (B, H, S, D) call ({type(error).__name__}: {error})"
     if out_dtype not in (torch.bfloat16, torch.float32):
-        return False, f"its {_FUNCTION} returns {out_dtype} for bfloat16 q and float32 cos/sin"
+        return False, f"its {function} returns {out_dtype} for bfloat16 q and float32 cos/sin"
     keep_dtype = out_dtype == torch.bfloat16
-    replacement = _as_called(_replacement(original, convention, signature, keep_dtype), signature)
+    replacement = _as_called(_replacement(original, convention, signature, keep_dtype, function), signature)
     for name, case in cases.items():
         try:
             expected = _forward_and_grads(as_called, case)
         except Exception as error:  # noqa: BLE001
             if case.optional:
                 continue  # a form the function does not take: the model never passes it
-            return False, f"its {_FUNCTION} raised on the {name} call ({type(error).__name__}: {error})"
+            return False, f"its {function} raised on the {name} call ({type(error).__name__}: {error})"
         if not _op_serves(convention, signature, case, keep_dtype):
             return False, f"the op does not serve its {name} call"
         problem = _difference(_forward_and_grads(replacement, case), expected, case)
@@ -568,7 +602,7 @@ def _difference(got: List[torch.Tensor], expected: List[torch.Tensor], case: _Ca
 
 
 def _replacement(original: Any, convention: _Convention, signature: _Signature,
-                 keep_dtype: bool) -> Callable[..., Any]:
+                 keep_dtype: bool, function: str = _FUNCTION) -> Callable[..., Any]:
     """The function installed in a module: the op where it serves the inputs, the original else."""
     fused_pos_emb = convention.fused
     fused_one = convention.fused_one
@@ -597,29 +631,29 @@ def _replacement(original: Any, convention: _Convention, signature: _Signature,
             fused = fused_pos_emb(q, k, cos, sin, None, unsqueeze_dim, keep_dtype)
             return original(q, k, cos, sin, unsqueeze_dim) if fused is None else fused
         chosen = replacement
-    chosen.__name__ = _FUNCTION
-    chosen.__doc__ = f"transformers' {_FUNCTION}, computed by torch.ops.rope (rope_kernels)."
+    chosen.__name__ = function
+    chosen.__doc__ = f"transformers' {function}, computed by torch.ops.rope (rope_kernels)."
     setattr(chosen, _REPLACED, original)
     return chosen
 
 
-def _install(module_name: str) -> None:
-    module = sys.modules[module_name]
-    current = getattr(module, _FUNCTION)
+def _install(status: ModuleStatus) -> None:
+    module = sys.modules[status.module]
+    current = getattr(module, status.function)
     if hasattr(current, _REPLACED):
         return  # already patched
     names = _parameters(current)
-    status = _examined[module_name][1]
     assert names is not None and status.patched
-    _originals[module_name] = current
+    _originals[(status.module, status.function)] = current
     convention = next(c for c in _CONVENTIONS if status.convention in (c.arguments, c.arguments_one))
-    setattr(module, _FUNCTION, _replacement(current, convention, _SIGNATURES[names], status.keep_dtype))
+    setattr(module, status.function,
+            _replacement(current, convention, _SIGNATURES[names], status.keep_dtype, status.function))
 
 
-def _restore(module_name: str) -> None:
-    original: Optional[Any] = _originals.pop(module_name, None)
+def _restore(key: Tuple[str, str]) -> None:
+    original: Optional[Any] = _originals.pop(key, None)
     if original is not None:
-        setattr(sys.modules[module_name], _FUNCTION, original)
+        setattr(sys.modules[key[0]], key[1], original)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -639,12 +673,13 @@ class _PatchingLoader(importlib.abc.Loader):
 
     def exec_module(self, module: types.ModuleType) -> None:
         self._loader.exec_module(module)
-        if _hook in sys.meta_path and hasattr(module, _FUNCTION):
-            status = _examine(module.__name__)
-            if status is not None:
+        if _hook in sys.meta_path and _defines_a_function(module):
+            statuses = _examine_all(module.__name__)
+            if statuses:
                 _hooked_modules.append(module.__name__)
+            for status in statuses:
                 if status.patched:
-                    _install(module.__name__)
+                    _install(status)
 
     def __getattr__(self, name: str) -> Any:  # get_source, get_filename, is_package, ...
         return getattr(self._loader, name)
