@@ -144,6 +144,32 @@ def test_patch_all_and_undo() -> None:
     assert rope_kernels.patched_modules() == ()
 
 
+def test_deepseek_v3s_interleaved_function_is_patched_and_restored() -> None:
+    # A module with two RoPE functions: both replaced by one patch, both restored by undo(), and
+    # the module listed once.
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as module
+
+    originals = (module.apply_rotary_pos_emb, module.apply_rotary_pos_emb_interleave)
+    with rope_kernels.patch_transformers("deepseek_v3") as handle:
+        assert handle.modules == (module.__name__,)
+        assert [s.function for s in handle.report] == ["apply_rotary_pos_emb", "apply_rotary_pos_emb_interleave"]
+        assert rope_kernels.patched_modules() == (module.__name__,)
+        replaced = module.apply_rotary_pos_emb_interleave
+        assert replaced is not originals[1] and replaced.__name__ == "apply_rotary_pos_emb_interleave"
+        assert list(inspect.signature(replaced).parameters) == list(inspect.signature(originals[1]).parameters)
+        q, k = torch.randn(2, 4, 6, 16), torch.randn(2, 1, 6, 16)
+        angles = torch.rand(2, 6, 8) * 6
+        cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+        counter = OpCounter()
+        with counter:
+            got = replaced(q, k, cos, sin)
+        assert counter.calls.count(torch.ops.rope.fused_qk.default) == 1
+        for a, b in zip(got, originals[1](q, k, cos, sin)):
+            torch.testing.assert_close(a, b)
+    assert (module.apply_rotary_pos_emb, module.apply_rotary_pos_emb_interleave) == originals
+    assert rope_kernels.patched_modules() == ()
+
+
 def test_modules_imported_after_the_patch_are_patched_as_they_load() -> None:
     # In a fresh process: patch_transformers() imports no modeling module, patches those imported
     # later as they load, and undo() stops that and restores them.
