@@ -170,6 +170,44 @@ def test_deepseek_v3s_interleaved_function_is_patched_and_restored() -> None:
     assert rope_kernels.patched_modules() == ()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_vision_towers_function_is_patched(dtype: torch.dtype) -> None:
+    # Qwen2-VL's apply_rotary_pos_emb_vision: (S, H, D) patches as its vision attention unbinds
+    # them from one qkv projection (strided views), (S, D) float32 tables, computed in float32 and
+    # returned in q's dtype; the op, a batch of one, gives its result.
+    from transformers.models.qwen2_vl import modeling_qwen2_vl as module
+
+    original = module.apply_rotary_pos_emb_vision
+    seq, heads, head_dim = 10, 4, 16
+    qkv = torch.randn(seq, 3, heads, head_dim).to(dtype)
+    q, k, _ = qkv.permute(1, 0, 2, 3).unbind(0)
+    half = torch.rand(seq, head_dim // 2) * 6
+    cos, sin = torch.cat([half, half], -1).cos(), torch.cat([half, half], -1).sin()
+    with rope_kernels.patch_transformers(module) as handle:
+        vision = [status for status in handle.report if status.function == "apply_rotary_pos_emb_vision"]
+        assert len(vision) == 1 and vision[0].patched and vision[0].keep_dtype, vision
+        counter = OpCounter()
+        with counter:
+            got = module.apply_rotary_pos_emb_vision(q, k, cos, sin)
+        assert counter.calls.count(torch.ops.rope.fused_qk.default) == 1
+        expected = original(q, k, cos, sin)
+        exact = [_rotated_in_float64(x, half) for x in (q, k)]
+        for a, b, c in zip(got, expected, exact):
+            assert a.dtype == dtype and a.shape == b.shape
+            if dtype == torch.float32:
+                torch.testing.assert_close(a, b)
+            else:  # one rounding of the float64 result, as the formula's own float32 math then cast
+                torch.testing.assert_close(a.double(), c, rtol=2.0**-8, atol=2.0**-8)
+    assert module.apply_rotary_pos_emb_vision is original
+
+
+def _rotated_in_float64(x: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    first, second = x.chunk(2, dim=-1)
+    cos, sin = half.double().cos()[:, None], half.double().sin()[:, None]
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+
+
 def test_modules_imported_after_the_patch_are_patched_as_they_load() -> None:
     # In a fresh process: patch_transformers() imports no modeling module, patches those imported
     # later as they load, and undo() stops that and restores them.

@@ -13,6 +13,7 @@ to a float32 run of the same weights as transformers' bfloat16 model is with its
 from __future__ import annotations
 
 import contextlib
+import importlib
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -79,16 +80,24 @@ def _text_families() -> List[Any]:
 
 
 def _patched() -> List[Any]:
-    # One status a module: the first of its patched functions.
+    # One status a module whose text attention the patch serves: the first of its patched
+    # functions but the vision towers' (VISION_MODULES).
     statuses = {}
-    for status in rope_kernels.patch_transformers(dry_run=True).report:
-        if status.patched:
+    for status in REPORT:
+        if status.patched and status.function != "apply_rotary_pos_emb_vision":
             statuses.setdefault(status.module, status)
     return list(statuses.values())
 
 
+REPORT = rope_kernels.patch_transformers(dry_run=True).report
+# The modules whose vision towers' apply_rotary_pos_emb_vision is patched.
+VISION_MODULES = [status.module for status in REPORT
+                  if status.patched and status.function == "apply_rotary_pos_emb_vision"]
+
+
 FAMILIES = _families()
 TEXT_FAMILIES = _text_families()
+DEVICES_OF_VISION = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=requires_cuda)]
 DEVICE_DTYPES = [
     pytest.param("cpu", torch.float32, id="cpu-fp32"),
     pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
@@ -178,6 +187,28 @@ def test_patched_text_model_runs_the_fused_op(model_type: str, kind: str) -> Non
             text_step(model, ids, mask)
         counts.append(sum(1 for op in counter.calls if op.namespace == "rope"))
     assert counts[0] == 0 and counts[1] >= 1, counts
+
+
+@pytest.mark.parametrize("device", DEVICES_OF_VISION)
+@pytest.mark.parametrize("module_name", VISION_MODULES, ids=lambda name: name.split(".")[2])
+def test_patched_vision_function_matches_transformers(module_name: str, device: str) -> None:
+    # A vision tower's attention hands its function (S, H, D) patches unbound from one qkv
+    # projection (strided views) and (S, D) float32 tables: the patched function gives the
+    # original's result (float32), and the op runs.
+    module = importlib.import_module(module_name)
+    original = module.apply_rotary_pos_emb_vision
+    generator = torch.Generator().manual_seed(5)
+    seq, heads, head_dim = 10, 4, 16
+    q, k, _ = torch.randn(seq, 3, heads, head_dim, generator=generator).to(device).permute(1, 0, 2, 3).unbind(0)
+    half = torch.rand(seq, head_dim // 2, generator=generator).to(device) * 6
+    cos, sin = torch.cat([half, half], -1).cos(), torch.cat([half, half], -1).sin()
+    with rope_kernels.patch_transformers(module):
+        counter = OpCounter()
+        with counter:
+            got = module.apply_rotary_pos_emb_vision(q, k, cos, sin)
+    assert sum(1 for op in counter.calls if op.namespace == "rope") == 1
+    for a, b in zip(got, original(q, k, cos, sin)):
+        torch.testing.assert_close(a, b)
 
 
 def test_the_families_page_is_the_installed_transformers_table() -> None:

@@ -26,14 +26,15 @@ def families_table() -> str:
 
     report = patch_transformers(dry_run=True).report
     modules = {status.module for status in report}
-    left_alone = {status.module for status in report if not status.patched}
+    patched = {status.module for status in report if status.patched}
     lines: List[str] = [
         "# transformers families",
         "",
         f"What `rope_kernels.patch_transformers()` does with each modeling module of transformers "
-        f"{transformers.__version__} that defines `apply_rotary_pos_emb` or DeepSeek-V3's "
-        f"`apply_rotary_pos_emb_interleave` (a row for each function a module defines): "
-        f"{len(modules - left_alone)} of {len(modules)} modules patched, "
+        f"{transformers.__version__} that defines `apply_rotary_pos_emb`, DeepSeek-V3's "
+        f"`apply_rotary_pos_emb_interleave` or the vision towers' `apply_rotary_pos_emb_vision` "
+        f"(a row for each function a module defines): "
+        f"{len(patched)} of {len(modules)} modules patched (in one function or more), "
         f"{sum(status.patched for status in report)} of {len(report)} functions. "
         "A patched module's `apply_rotary_pos_emb` calls `fused_qk` with half-split pairs (Llama's) or, where the "
         "module pairs features as GLM and Cohere do, `interleaved=True` (and `interleaved_out=False` for DeepSeek-V3's "

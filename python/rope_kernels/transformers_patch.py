@@ -53,8 +53,9 @@ from .hf_interleaved import fused_interleaved_pos_emb, fused_interleaved_pos_emb
 _FUNCTION = "apply_rotary_pos_emb"
 # Functions some modules define beside it, each proven and patched on its own: DeepSeek-V3's (and
 # its descendants') interleaved-in, half-split-out function, which MLA models call with
-# rope_interleave=True, their checkpoints' setting.
-_OTHER_FUNCTIONS = ("apply_rotary_pos_emb_interleave",)
+# rope_interleave=True, their checkpoints' setting; the vision towers' function of Qwen2-VL and the
+# vision-language models built from its code, on (S, H, D) patches with (S, D) tables.
+_OTHER_FUNCTIONS = ("apply_rotary_pos_emb_interleave", "apply_rotary_pos_emb_vision")
 _MODULE_PREFIX = "transformers.models."
 _MODELING = re.compile(r"^transformers\.models\.(\w+)\.modeling_\w+$")
 _REPLACED = "_rope_kernels_replaces"  # attribute of a replacement: the function it replaces
@@ -323,12 +324,15 @@ class _Signature:
     # GPT-J's and CodeGen's (tensor, sin, cos): one tensor, (B, S, H, D), sin before cos, and no
     # unsqueeze_dim (their tables broadcast at dim 2).
     sin_first: bool = False
+    # The vision towers' (q, k, cos, sin): (S, H, D) tensors of one image or video, (S, D) tables.
+    one_sequence: bool = False
 
 
 _SIGNATURES = {("q", "k", "cos", "sin", "unsqueeze_dim"): _Signature(False, False),  # transformers 5.x
                ("q", "k", "cos", "sin", "position_ids", "unsqueeze_dim"): _Signature(False, True),  # 4.x
                ("x", "cos", "sin", "unsqueeze_dim"): _Signature(True, False),
-               ("tensor", "sin", "cos"): _Signature(True, False, sin_first=True)}
+               ("tensor", "sin", "cos"): _Signature(True, False, sin_first=True),
+               ("q", "k", "cos", "sin"): _Signature(False, False, one_sequence=True)}
 
 
 def _parameters(original: Any) -> Optional[Tuple[str, ...]]:
@@ -356,6 +360,20 @@ def _as_cos_first(sin_first: Callable[..., Any]) -> Callable[..., Any]:
             return sin_first(x, sin, cos)
         return sin_first(x.transpose(1, 2), sin, cos).transpose(1, 2)
     return cos_first
+
+
+def _as_batched(one_sequence: Callable[..., Any]) -> Callable[..., Any]:
+    """A vision tower's (q, k, cos, sin) on (S, H, D) tensors as transformers' form the proof
+    calls, (q, k, cos, sin, unsqueeze_dim) on batches: each sequence of the batch by one call."""
+    def batched(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1) -> Any:
+        heads_first = unsqueeze_dim == 1
+        if heads_first:
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos, sin = cos.expand(q.size(0), -1, -1), sin.expand(q.size(0), -1, -1)
+        outs = [one_sequence(q[b], k[b], cos[b], sin[b]) for b in range(q.size(0))]
+        q_out, k_out = torch.stack([out[0] for out in outs]), torch.stack([out[1] for out in outs])
+        return (q_out.transpose(1, 2), k_out.transpose(1, 2)) if heads_first else (q_out, k_out)
+    return batched
 
 
 def _same_tables(table: torch.Tensor) -> torch.Tensor:
@@ -436,8 +454,9 @@ def _prove(original: Any, function: str = _FUNCTION) -> Tuple[Optional[bool], Op
     names = _parameters(original)
     if names is None:
         return None, None, (f"its {function} does not have transformers' signature "
-                            "(q, k, cos, sin[, position_ids=None], unsqueeze_dim=1), or a one-tensor one: "
-                            "(x, cos, sin, unsqueeze_dim=1) or GPT-J's (tensor, sin, cos)")
+                            "(q, k, cos, sin[, position_ids=None], unsqueeze_dim=1), a vision tower's "
+                            "(q, k, cos, sin), or a one-tensor one: (x, cos, sin, unsqueeze_dim=1) or "
+                            "GPT-J's (tensor, sin, cos)")
     signature = _SIGNATURES[names]
     problems = []
     for convention in _CONVENTIONS:
@@ -463,6 +482,8 @@ def _as_called(function: Callable[..., Any], signature: _Signature) -> Callable[
     (q, k, cos, sin, *extra), in the order of the cases' arguments."""
     if signature.sin_first:
         return _as_pair(_as_cos_first(function))
+    if signature.one_sequence:
+        return _as_batched(function)
     if signature.one_tensor:
         return _as_pair(function)
     return function
@@ -612,6 +633,15 @@ def _replacement(original: Any, convention: _Convention, signature: _Signature,
             fused = fused_one(tensor, cos, sin, 2, keep_dtype)
             return original(tensor, sin, cos) if fused is None else fused
         chosen: Callable[..., Any] = replacement_sin_first
+    elif signature.one_sequence:
+        def replacement_one_sequence(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+            # (S, H, D) as a batch of one (1, S, H, D), and (S, D) tables as its per-token angles.
+            fused = None
+            if q.dim() == 3 and k.dim() == 3 and cos.dim() == 2 and sin.dim() == 2:
+                fused = fused_pos_emb(q[None], k[None], cos[None], sin[None], None, 2, keep_dtype)
+            return original(q, k, cos, sin) if fused is None else (fused[0][0], fused[1][0])
+        chosen = replacement_one_sequence
     elif signature.one_tensor:
         def replacement_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
                             ) -> torch.Tensor:
