@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 
 import pytest
 import torch
 
 import rope_kernels
-from hf_tiny_models import (OpCounter, assert_generates_the_same, assert_matches_unpatched, causal_lm_types,
+from hf_tiny_models import (ROPE_FUNCTIONS, OpCounter, assert_generates_the_same, assert_matches_unpatched, causal_lm_types,
                             float32_twin, padded_batch, rope_rounded_once, text_model_type, text_step,
                             tiny_family_model, training_step)
 from rope_env import requires_cuda
@@ -187,6 +188,56 @@ def test_patched_text_model_runs_the_fused_op(model_type: str, kind: str) -> Non
             text_step(model, ids, mask)
         counts.append(sum(1 for op in counter.calls if op.namespace == "rope"))
     assert counts[0] == 0 and counts[1] >= 1, counts
+
+
+@contextlib.contextmanager
+def _without_rope(model: torch.nn.Module) -> Iterator[None]:
+    """The RoPE functions of every modeling module the model's layers come from (those
+    patch_transformers(model) patches) replaced by ones that return q and k unrotated."""
+    modules = {importlib.import_module(type(layer).__module__) for layer in model.modules()
+               if type(layer).__module__.startswith("transformers.models.")}
+    originals = [(module, name, getattr(module, name)) for module in modules for name in ROPE_FUNCTIONS
+                 if hasattr(module, name)]
+
+    def unrotated_for(original: Any) -> Any:
+        one_tensor = next(iter(inspect.signature(original).parameters)) in ("x", "tensor")
+        return lambda *args, **kwargs: args[0] if one_tensor else (args[0], args[1])
+
+    for module, name, original in originals:
+        setattr(module, name, unrotated_for(original))
+    try:
+        yield
+    finally:
+        for module, name, original in originals:
+            setattr(module, name, original)
+
+
+def _moved(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return float((a - b).abs().max()) > 0.01 * float(b.abs().max())
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_the_family_test_sees_a_wrong_rotation(model_type: str) -> None:
+    # The tests above can fail: with q and k left unrotated, the tiny model's logits or gradients
+    # move by far more than their tolerance (its weights make attention depend on position; where a
+    # family starts its attention output at zero, the output projection's gradient still does).
+    model = tiny_family_model(model_type, "cpu", torch.float32)
+    ids, mask = padded_batch("cpu", side="right")
+    logits, grads = training_step(model, ids, mask, None)
+    with _without_rope(model):
+        unrotated, unrotated_grads = training_step(model, ids, mask, None)
+    real = mask.bool()
+    assert _moved(unrotated[real], logits[real]) or any(_moved(unrotated_grads[n], grads[n]) for n in grads)
+
+
+@pytest.mark.parametrize(("model_type", "kind"), TEXT_FAMILIES)
+def test_the_text_model_test_sees_a_wrong_rotation(model_type: str, kind: str) -> None:
+    model = tiny_family_model(model_type, "cpu", torch.float32, kind)
+    ids, mask = padded_batch("cpu", side="right")
+    output, grads = text_step(model, ids, mask)
+    with _without_rope(model):
+        unrotated, unrotated_grads = text_step(model, ids, mask)
+    assert _moved(unrotated, output) or any(_moved(unrotated_grads[n], grads[n]) for n in grads)
 
 
 @pytest.mark.parametrize("device", DEVICES_OF_VISION)
