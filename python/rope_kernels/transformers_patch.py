@@ -1,7 +1,9 @@
 """One line to make Hugging Face transformers' attention use the fused op: ``patch_transformers()``.
 
-transformers' attention layers call the ``apply_rotary_pos_emb`` of their modeling module, looking
-the name up in the module each time they run. Replacing that module attribute therefore switches
+transformers' attention layers call the ``apply_rotary_pos_emb`` of their modeling module (MLA
+layers DeepSeek-V3's ``apply_rotary_pos_emb_interleave``, vision towers
+``apply_rotary_pos_emb_vision``), looking the name up in the module each time they run. Each
+function is proven and patched on its own. Replacing that module attribute therefore switches
 every model of the family, already built or built later, and putting the original back undoes it
 exactly. Nothing else in transformers is touched, so weights, checkpoints, generation, training
 and ``torch.compile`` work as before.
@@ -140,7 +142,8 @@ def patch_transformers(model_or_class: Any = None, *, dry_run: bool = False) -> 
       model or layer class, or a modeling module: the modules it uses;
     - a family name (``"llama"``) or a list of names.
 
-    A module whose ``apply_rotary_pos_emb`` the op does not compute is left alone; a model, class,
+    A RoPE function (``apply_rotary_pos_emb``, ``apply_rotary_pos_emb_interleave``,
+    ``apply_rotary_pos_emb_vision``) the op does not compute is left alone; a model, class,
     module or family of which none is patched raises ``ValueError`` with the reason. With
     ``dry_run``, nothing is changed and the handle's ``report`` says what would be patched, for the
     default target over every modeling module of the installed transformers (which imports them
