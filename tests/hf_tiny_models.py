@@ -54,6 +54,10 @@ FAMILY_SIZES: Dict[str, Any] = dict(
     # Vision towers' names of the common sizes (Qwen2-VL's), and the width they hand the text model.
     depth=TINY["num_hidden_layers"], embed_dim=TINY["hidden_size"], num_heads=TINY["num_attention_heads"],
     out_hidden_size=TINY["hidden_size"],
+    # Audio encoders' names of the common sizes (Qwen2.5-Omni's), and the width they hand on.
+    d_model=TINY["hidden_size"], encoder_layers=TINY["num_hidden_layers"],
+    encoder_attention_heads=TINY["num_attention_heads"], encoder_ffn_dim=TINY["intermediate_size"],
+    output_dim=TINY["hidden_size"],
     # GPT-J's and CodeGen's names of the common sizes.
     n_embd=TINY["hidden_size"], n_layer=TINY["num_hidden_layers"], n_head=TINY["num_attention_heads"],
     n_inner=TINY["intermediate_size"], n_positions=TINY["max_position_embeddings"],
@@ -83,6 +87,10 @@ FAMILY_OVERRIDES: Dict[str, Dict[str, Any]] = {
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
     "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
     "zaya": {"num_experts_per_tok": 1},
+    # Qwen2.5-Omni's and Qwen3-Omni's thinkers: their configs set no vision_start_token_id, which
+    # their mRoPE position ids read.
+    "qwen2_5_omni_thinker": {"vision_start_token_id": 3},
+    "qwen3_omni_moe_thinker": {"vision_start_token_id": 3},
     # LongCat-Flash: its zero-computation experts and expert width.
     "longcat_flash": {"zero_expert_num": 2, "expert_ffn_hidden_size": 32, "moe_topk": 2, "num_layers": 2},
 }

@@ -50,8 +50,6 @@ NO_TINY_TEXT_MODEL_YET: Dict[str, str] = {
     "kyutai_speech_to_text": "its audio token ids lie outside the tiny vocabulary",
     "mistral4": "its tiny multi-head latent attention sizes do not fit together",
     "paddleocr_vl": "its mRoPE sections are not read from the config's rope_parameters",
-    "qwen2_5_omni_thinker": "its config has no vision_start_token_id",
-    "qwen3_omni_moe_thinker": "its config has no vision_start_token_id",
     "voxtral_realtime": "it takes no forward without audio",
 }
 
