@@ -448,6 +448,13 @@ def test_tables_of_one_angle_per_pair(device: str, dtype: torch.dtype, unsqueeze
     assert fused(q, k, cos[..., :16], sin[..., :16], None, unsqueeze_dim, True, tables="once") is None
 
 
+def test_an_unknown_table_form_is_refused() -> None:
+    q = torch.randn(1, 2, 3, 8)
+    angles = torch.rand(1, 3, 8)
+    with pytest.raises(ValueError, match="rope_kernels: tables must be 'twice', 'once' or 'pairwise'; got halves"):
+        rope_kernels.hf_compat.fused_rotary_pos_emb(q, q, angles.cos(), angles.sin(), tables="halves")
+
+
 def _rotated_reference(x: torch.Tensor, angles: torch.Tensor, unsqueeze_dim: int, interleaved: bool,
                        sign: float = 1.0) -> torch.Tensor:
     # The first 2 * angles.shape[-1] features of x turned pair by pair by sign * angle, the rest

@@ -58,6 +58,7 @@ _FUNCTION = "apply_rotary_pos_emb"
 # rope_interleave=True, their checkpoints' setting; the vision towers' function of Qwen2-VL and the
 # vision-language models built from its code, on (S, H, D) patches with (S, D) tables.
 _OTHER_FUNCTIONS = ("apply_rotary_pos_emb_interleave", "apply_rotary_pos_emb_vision")
+_FUNCTIONS = (_FUNCTION,) + _OTHER_FUNCTIONS
 _MODULE_PREFIX = "transformers.models."
 _MODELING = re.compile(r"^transformers\.models\.(\w+)\.modeling_\w+$")
 _REPLACED = "_rope_kernels_replaces"  # attribute of a replacement: the function it replaces
@@ -112,7 +113,7 @@ class TransformersPatch:
         return tuple(dict.fromkeys(status.module for status in self.report if status.patched))
 
     def undo(self) -> None:
-        """Restore the original ``apply_rotary_pos_emb`` of every module this call patched."""
+        """Restore the original RoPE functions of every module this call patched."""
         if self._dry_run:
             return
         patched = [status for status in self.report if status.patched]
@@ -182,15 +183,15 @@ def unpatch_transformers() -> None:
 
 
 def patched_modules() -> Tuple[str, ...]:
-    """The modeling modules whose ``apply_rotary_pos_emb`` (or DeepSeek-V3's
-    ``apply_rotary_pos_emb_interleave``) is currently the fused op."""
+    """The modeling modules of which a RoPE function (``apply_rotary_pos_emb``,
+    ``apply_rotary_pos_emb_interleave``, ``apply_rotary_pos_emb_vision``) is currently the fused op."""
     return tuple(sorted({module for module, _ in _originals}))
 
 
 def all_modeling_modules() -> List[str]:
-    """Every modeling module of the installed transformers that defines ``apply_rotary_pos_emb``
-    or DeepSeek-V3's ``apply_rotary_pos_emb_interleave`` (found in the sources, without importing
-    anything)."""
+    """Every modeling module of the installed transformers that defines a RoPE function the patch
+    examines (``apply_rotary_pos_emb``, ``apply_rotary_pos_emb_interleave``,
+    ``apply_rotary_pos_emb_vision``), found in the sources, without importing anything."""
     _import_transformers()
     root = Path(sys.modules["transformers"].__file__).parent / "models"
     names = []
@@ -199,7 +200,7 @@ def all_modeling_modules() -> List[str]:
             source = path.read_text(encoding="utf-8")
         except OSError:
             continue
-        if re.search(rf"^def ({'|'.join((_FUNCTION,) + _OTHER_FUNCTIONS)})\(", source, re.MULTILINE):
+        if re.search(rf"^def ({'|'.join(_FUNCTIONS)})\(", source, re.MULTILINE):
             names.append(f"{_MODULE_PREFIX}{path.parent.name}.{path.stem}")
     return names
 
@@ -222,7 +223,7 @@ def _loaded_modeling_modules() -> List[str]:
 
 
 def _defines_a_function(module: types.ModuleType) -> bool:
-    return any(hasattr(module, function) for function in (_FUNCTION,) + _OTHER_FUNCTIONS)
+    return any(hasattr(module, function) for function in _FUNCTIONS)
 
 
 def _modules_of_target(target: Any) -> Tuple[List[str], str]:
