@@ -380,3 +380,59 @@ def assert_generates_the_same(model: torch.nn.Module, new_tokens: int) -> None:
     assert torch.equal(got.sequences, expected.sequences)
     for step, (ours, theirs) in enumerate(zip(got.logits, expected.logits)):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+
+
+# The sizes of a tiny image model beyond FAMILY_SIZES': 32 x 32 RGB images of 8 x 8 patches, and
+# DINOv3's 4 register tokens (its config's default is none) beside the class token.
+IMAGE_SIZES: Dict[str, Any] = dict(image_size=32, patch_size=8, num_channels=3, num_register_tokens=4)
+
+
+def image_model_class(module_name: str) -> Optional[Tuple[str, str]]:
+    """(model type, class name) of the first model class the modeling module defines that takes
+    images alone (`pixel_values`; its config has an image_size): the base model of transformers'
+    MODEL_MAPPING_NAMES first, then its backbone, then the other heads in name order. None for a
+    module without one."""
+    module = importlib.import_module(module_name)
+    mappings = sorted((name for name in dir(modeling_auto) if name.startswith("MODEL_") and name.endswith("_MAPPING_NAMES")),
+                      key=lambda name: (name != "MODEL_MAPPING_NAMES", name != "MODEL_FOR_BACKBONE_MAPPING_NAMES", name))
+    for mapping in mappings:
+        for model_type, names in getattr(modeling_auto, mapping).items():
+            for name in names if isinstance(names, (list, tuple)) else [names]:
+                cls = getattr(module, name, None)
+                if getattr(cls, "__module__", None) != module_name or model_type not in CONFIG_MAPPING:
+                    continue
+                if "pixel_values" in inspect.signature(cls.forward).parameters \
+                        and "image_size" in CONFIG_MAPPING[model_type]().to_dict():
+                    return model_type, name
+    return None
+
+
+def tiny_image_model(model_type: str, class_name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A tiny random image model of the family (seeded), in eval mode."""
+    torch.manual_seed(1234)
+    config_class = CONFIG_MAPPING[model_type]
+    sizes = {key: value for key, value in IMAGE_SIZES.items() if key in config_class().to_dict()}
+    config = _shrunk(config_class, dict(sizes, **FAMILY_OVERRIDES.get(model_type, {})))
+    model = getattr(transformers, class_name)._from_config(config, attn_implementation="eager")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def image_batch(model: torch.nn.Module) -> torch.Tensor:
+    """Two random images for a tiny image model, in its device and dtype."""
+    parameter = next(model.parameters())
+    config = model.config
+    shape = (2, getattr(config, "num_channels", 3), config.image_size, config.image_size)
+    pixels = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    return pixels.to(device=parameter.device, dtype=parameter.dtype)
+
+
+def image_step(model: torch.nn.Module, pixels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """A model's first output for images alone (hidden states, a backbone's first feature map) and
+    the gradient of every parameter after one backward of a fixed random weighting of it."""
+    model.zero_grad(set_to_none=True)
+    out = model(pixel_values=pixels)
+    first = out.feature_maps[0] if getattr(out, "feature_maps", None) is not None else out[0]
+    weights = torch.randn(first.shape, generator=torch.Generator().manual_seed(3)).to(first.device)
+    (first.float() * weights).sum().backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return first.detach(), grads

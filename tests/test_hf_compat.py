@@ -157,6 +157,29 @@ def test_heads_last_layout(device: str, dtype: torch.dtype) -> None:
         assert_like_transformers(got, want, expected, x)
 
 
+@pytest.mark.parametrize(("device", "dtype"), device_dtype_params(("bf16", "fp32")))
+def test_tables_unsqueezed_at_dim_0_as_pixtral(device: str, dtype: torch.dtype) -> None:
+    # Pixtral's call: (seq, dim) tables with unsqueeze_dim=0 broadcast against (batch, heads, seq,
+    # dim) q and k, token s at row s for every sequence: one op call, forward and backward.
+    rotary, like = rotary_embedding(device, dtype)
+    positions = torch.randperm(MAX_SEQ)[:SEQ].to(device)
+    cos, sin = (t[0] for t in rotary(like, positions[None]))
+    q, k = (t.requires_grad_() for t in q_and_k(device, dtype))
+    with RecordOps() as record:
+        ours = rope_kernels.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=0)
+    # The op once, and views of the tables (nothing copied).
+    assert [op for op in record.ops if not op.is_view] == [torch.ops.rope.fused_qk.default], record.ops
+    theirs = TRANSFORMERS_APPLY(q, k, cos, sin, unsqueeze_dim=0)
+    for x, got, want in zip((q, k), ours, theirs):
+        assert_like_transformers(got, want, reference(x.detach(), cos, sin, positions.expand(BATCH, SEQ), True), x)
+    # The gradient of the rotation by an angle is the rotation of the weights by its negative.
+    weights = [torch.randn_like(t) for t in ours]
+    grads = torch.autograd.grad(sum((t * w).sum() for t, w in zip(ours, weights)), (q, k))
+    for got, w in zip(grads, weights):
+        expected = reference(w, cos, -sin, positions.expand(BATCH, SEQ), True)
+        torch.testing.assert_close(got.cpu().double(), expected, **tolerance(dtype))
+
+
 @pytest.mark.parametrize("rotary_dim", [HEAD_DIM // 2, 3 * HEAD_DIM // 4], ids=["half", "three_quarters"])
 @pytest.mark.parametrize(("device", "dtype"), device_dtype_params(("bf16", "fp32")))
 def test_partial_rotary_as_phi3(device: str, dtype: torch.dtype, rotary_dim: int) -> None:

@@ -352,6 +352,24 @@ def test_one_fused_call(device: str, name: str, head_dim: int, width: int, heads
         assert record.ops == [torch.ops.rope.fused_qk.default], record.ops
 
 
+@pytest.mark.parametrize(("name", "head_dim", "width"), CASES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_tables_unsqueezed_at_dim_0(device: str, name: str, head_dim: int, width: int) -> None:
+    # (seq, width) tables with unsqueeze_dim=0 (Pixtral's call) against (batch, heads, seq, dim) q
+    # and k: the one table of every sequence, in one op call, as the formula broadcasts it.
+    ours_fn, reference = FUNCTIONS[name]
+    q, k = make_qk(name, device, torch.float32, head_dim)
+    cos, sin = (t[0] for t in rope_tables("shared", device, torch.float32, width))
+    with RecordOps() as record:
+        ours = ours_fn(q, k, cos, sin, None, 0)
+    # The op once, and views of the tables (nothing copied).
+    assert [op for op in record.ops if not op.is_view] == [torch.ops.rope.fused_qk.default], record.ops
+    c, s = pair_angles(cos[None], sin[None])
+    for x, got in zip((q, k), ours):
+        assert got.shape == x.shape
+        assert_rounded_once(got, reference(x.cpu(), c, s))
+
+
 def fallback_cases(device: str) -> List[Tuple[str, str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]]:
     """(description, function, q, k, cos, sin, unsqueeze_dim) of inputs the op does not serve."""
     cases = []

@@ -26,7 +26,8 @@ import rope_kernels
 from hf_tiny_models import (VARIANTS, OpCounter, assert_generates_the_same, assert_matches_unpatched, decode,
                             float32_copy, packed_positions, padded_batch, positions_from_mask, tiny_family_model,
                             tiny_model, training_step)
-from rope_env import requires_cuda, run_fresh_python
+from rope_env import DEVICES, requires_cuda, run_fresh_python
+from rope_kernels.testing import tolerance
 
 DEVICE_DTYPES = [
     pytest.param("cpu", torch.float32, id="cpu-fp32"),
@@ -411,6 +412,71 @@ def test_a_module_is_patched_by_what_its_function_computes() -> None:
     finally:
         for name in names:
             sys.modules.pop(f"transformers.models.{name}.modeling_{name}", None)
+
+
+def patches_after_prefix_copy(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, **kwargs: Any) -> Any:
+    # DINOv3's: (B, H, S, D) tensors, (P, D) tables for the last P tokens (the patches); the class
+    # and register tokens before them pass through.
+    prefix = q.shape[-2] - sin.shape[-2]
+    rotated = []
+    for x in (q, k):
+        x_prefix, x_patches = x.split((prefix, sin.shape[-2]), dim=-2)
+        rotated.append(torch.cat((x_prefix, x_patches * cos + _rotate_half(x_patches) * sin), dim=-2))
+    return tuple(rotated)
+
+
+def patches_before_suffix(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, **kwargs: Any) -> Any:
+    # The same signature with the unrotated tokens after the patches: not DINOv3's call.
+    patches = sin.shape[-2]
+    rotated = []
+    for x in (q, k):
+        x_patches, x_rest = x.split((patches, x.shape[-2] - patches), dim=-2)
+        rotated.append(torch.cat((x_patches * cos + _rotate_half(x_patches) * sin, x_rest), dim=-2))
+    return tuple(rotated)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_class_and_register_tokens_pass_through_as_in_dinov3(device: str, dtype: torch.dtype) -> None:
+    # DINOv3's function (q, k, cos, sin, **kwargs) leaves the tokens before the patches unrotated:
+    # patched, the op does the same in one call (those tokens at a table row of angle 0), forward
+    # and backward; a function that leaves the tokens after the patches unrotated is left alone.
+    module = _fake_modeling_module("ropetest_dinov3", patches_after_prefix_copy)
+    suffix_module = _fake_modeling_module("ropetest_suffix", patches_before_suffix)
+    try:
+        with rope_kernels.patch_transformers(module) as handle:
+            assert handle.report[0].convention == "`fused_qk`, the class and register tokens at a table row of angle 0"
+            for prefix in (0, 1, 5):  # no prefix, the class token, the class token and 4 registers
+                patches, heads, head_dim = 12, 4, 16
+                qkv = torch.randn(2, prefix + patches, 3, heads, head_dim).to(device, dtype)
+                q, k = (t.transpose(1, 2).requires_grad_() for t in qkv[:, :, :2].unbind(2))  # views of a qkv projection
+                half = torch.rand(patches, head_dim // 2) * 6
+                cos, sin = (torch.cat([f(half), f(half)], -1).to(device, dtype) for f in (torch.cos, torch.sin))
+                counter = OpCounter()
+                with counter:
+                    got = module.apply_rotary_pos_emb(q, k, cos, sin)
+                assert counter.calls.count(torch.ops.rope.fused_qk.default) == 1
+                # The function's own formula in float64 on the same values: the truth, which the
+                # op rounds once.
+                q64, k64 = (x.detach().cpu().double().requires_grad_() for x in (q, k))
+                want = patches_after_prefix_copy(q64, k64, cos.cpu().double(), sin.cpu().double())
+                for a, b, x in zip(got, want, (q, k)):
+                    assert a.dtype == dtype and a.shape == x.shape
+                    assert torch.equal(a[:, :, :prefix], x[:, :, :prefix])  # exactly as they were
+                    torch.testing.assert_close(a.detach().cpu().double(), b.detach(), **tolerance(dtype))
+                weights = [torch.randn_like(t) for t in got]
+                grads = torch.autograd.grad(sum((t * w).sum() for t, w in zip(got, weights)), (q, k))
+                expected = torch.autograd.grad(sum((t * w.cpu().double()).sum() for t, w in zip(want, weights)),
+                                               (q64, k64))
+                for a, b in zip(grads, expected):
+                    torch.testing.assert_close(a.cpu().double(), b, **tolerance(dtype))
+        assert module.apply_rotary_pos_emb is patches_after_prefix_copy
+        with pytest.raises(ValueError, match=r"left alone: no convention of the op gives its apply_rotary_pos_emb: "
+                                             r"with half-split pairs, q off by up to .* on the prefix-tokens call"):
+            rope_kernels.patch_transformers(suffix_module)
+    finally:
+        sys.modules.pop(module.__name__, None)
+        sys.modules.pop(suffix_module.__name__, None)
 
 
 def test_inputs_the_op_does_not_serve_go_to_the_modules_own_function() -> None:

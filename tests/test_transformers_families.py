@@ -23,8 +23,8 @@ import torch
 
 import rope_kernels
 from hf_tiny_models import (ROPE_FUNCTIONS, OpCounter, assert_generates_the_same, assert_matches_unpatched, causal_lm_types,
-                            float32_twin, padded_batch, rope_rounded_once, text_model_type, text_step,
-                            tiny_family_model, training_step)
+                            float32_twin, image_batch, image_model_class, image_step, padded_batch, rope_rounded_once,
+                            text_model_type, text_step, tiny_family_model, tiny_image_model, training_step)
 from rope_env import requires_cuda
 
 # Families whose tiny model the generic config (hf_tiny_models.tiny_config) cannot build yet, and
@@ -54,6 +54,14 @@ NO_TINY_TEXT_MODEL_YET: Dict[str, str] = {
 }
 
 
+# Image models (patched modules with neither a causal LM nor a text model, whose model class takes
+# images alone) that do not build or run yet, and why (strict, as above).
+NO_TINY_IMAGE_MODEL_YET: Dict[str, str] = {
+    "eomt_dinov3": "its loss needs scipy, and its tiny segmentation head's sizes do not fit together",
+    "glm_image_vision": "its vision model takes grid_thw beside the images",
+}
+
+
 def _families() -> List[Any]:
     params = []
     for status in _patched():
@@ -78,6 +86,20 @@ def _text_families() -> List[Any]:
     return params
 
 
+def _image_families() -> List[Any]:
+    params = []
+    for status in _patched():
+        if causal_lm_types(status.module) or text_model_type(status.module):
+            continue  # FAMILIES or TEXT_FAMILIES
+        found = image_model_class(status.module)
+        if found is None:
+            continue  # audio, time series, keypoint matching: proven at patch time only
+        marks = [pytest.mark.xfail(strict=True, reason=NO_TINY_IMAGE_MODEL_YET[found[0]])] \
+            if found[0] in NO_TINY_IMAGE_MODEL_YET else []
+        params.append(pytest.param(*found, id=found[0], marks=marks))
+    return params
+
+
 def _patched() -> List[Any]:
     # One status a module whose text attention the patch serves: the first of its patched
     # functions but the vision towers' (VISION_MODULES).
@@ -96,6 +118,7 @@ VISION_MODULES = [status.module for status in REPORT
 
 FAMILIES = _families()
 TEXT_FAMILIES = _text_families()
+IMAGE_FAMILIES = _image_families()
 DEVICES_OF_VISION = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=requires_cuda)]
 DEVICE_DTYPES = [
     pytest.param("cpu", torch.float32, id="cpu-fp32"),
@@ -235,6 +258,53 @@ def test_the_text_model_test_sees_a_wrong_rotation(model_type: str, kind: str) -
     output, grads = text_step(model, ids, mask)
     with _without_rope(model):
         unrotated, unrotated_grads = text_step(model, ids, mask)
+    assert _moved(unrotated, output) or any(_moved(unrotated_grads[n], grads[n]) for n in grads)
+
+
+@pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
+@pytest.mark.parametrize(("model_type", "class_name"), IMAGE_FAMILIES)
+def test_image_model_matches_transformers(model_type: str, class_name: str, device: str, dtype: torch.dtype) -> None:
+    # As test_text_model_matches_transformers, for an image model (DINOv3, Sapiens 2, Pixtral's
+    # vision encoder): its first output for two images and every parameter's gradient.
+    model = tiny_image_model(model_type, class_name, device, dtype)
+    pixels = image_batch(model)
+    baseline = contextlib.nullcontext() if dtype == torch.float32 else rope_rounded_once(type(model).__module__)
+    with baseline:
+        output, grads = image_step(model, pixels)
+    with rope_kernels.patch_transformers(model):
+        patched_output, patched_grads = image_step(model, pixels)
+    if dtype == torch.float32:
+        reference_output, reference_grads = output, grads
+    else:
+        twin = tiny_image_model(model_type, class_name, device, torch.float32)
+        twin.load_state_dict(model.state_dict())
+        reference_output, reference_grads = image_step(twin, pixels.float())
+    assert_matches_unpatched(patched_output, output, reference_output, "output", dtype)
+    assert patched_grads.keys() == grads.keys() and len(grads) > 0
+    for name in grads:
+        assert_matches_unpatched(patched_grads[name], grads[name], reference_grads[name], f"grad of {name}", dtype)
+
+
+@pytest.mark.parametrize(("model_type", "class_name"), IMAGE_FAMILIES)
+def test_patched_image_model_runs_the_fused_op(model_type: str, class_name: str) -> None:
+    model = tiny_image_model(model_type, class_name, "cpu", torch.float32)
+    pixels = image_batch(model)
+    counts = []
+    for patch in (False, True):
+        counter = OpCounter()
+        with rope_kernels.patch_transformers(model) if patch else contextlib.nullcontext(), counter:
+            image_step(model, pixels)
+        counts.append(sum(1 for op in counter.calls if op.namespace == "rope"))
+    assert counts[0] == 0 and counts[1] >= 1, counts
+
+
+@pytest.mark.parametrize(("model_type", "class_name"), IMAGE_FAMILIES)
+def test_the_image_model_test_sees_a_wrong_rotation(model_type: str, class_name: str) -> None:
+    model = tiny_image_model(model_type, class_name, "cpu", torch.float32)
+    pixels = image_batch(model)
+    output, grads = image_step(model, pixels)
+    with _without_rope(model):
+        unrotated, unrotated_grads = image_step(model, pixels)
     assert _moved(unrotated, output) or any(_moved(unrotated_grads[n], grads[n]) for n in grads)
 
 

@@ -135,6 +135,16 @@ def in_dtype(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     return q, k, cos, sin
 
 
+def tables_from_dim_0(cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int
+                      ) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Pixtral's call, ``(seq, width)`` tables with ``unsqueeze_dim=0``, which broadcast as
+    ``(1, seq, width)`` against ``(batch, heads, seq, dim)`` q, as the per-token form the drop-ins
+    serve: ``(1, seq, width)`` tables with ``unsqueeze_dim=1``. Any other call as it is."""
+    if unsqueeze_dim == 0 and cos.dim() == 2 and sin.dim() == 2:
+        return cos.unsqueeze(0), sin.unsqueeze(0), 1
+    return cos, sin, unsqueeze_dim
+
+
 def pair_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int, tables: str
                 ) -> Tuple[int, torch.Tensor, torch.Tensor]:
     """(the features rotated, cos, sin as the op reads them) for cos/sin in one of the forms

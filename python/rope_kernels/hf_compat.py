@@ -29,7 +29,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._compat_inputs import as_table, formula_dtype, in_dtype, op_takes, pair_tables, per_token_angles, token_positions
+from ._compat_inputs import (as_table, formula_dtype, in_dtype, op_takes, pair_tables, per_token_angles,
+                             tables_from_dim_0, token_positions)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,8 @@ def _op_call(
                     Optional[int], str]]:
     """The op's arguments for transformers' call (q, k, cos, sin, positions, rotary_dim, layout),
     or None for inputs the op does not serve. Shared by the pair and the one-tensor forms."""
+    if position_ids is None:
+        cos, sin, unsqueeze_dim = tables_from_dim_0(cos, sin, unsqueeze_dim)
     heads_first = unsqueeze_dim == 1 or unsqueeze_dim == -3
     if not heads_first and not (unsqueeze_dim == 2 or unsqueeze_dim == -2):
         return None

@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._compat_inputs import formula_dtype, in_dtype, op_takes, pair_tables, per_token_angles
+from ._compat_inputs import formula_dtype, in_dtype, op_takes, pair_tables, per_token_angles, tables_from_dim_0
 
 
 def _halves_from_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -128,6 +128,7 @@ def _interleaved_call(
     """The op's arguments (q, k, cos, sin, rotary_dim, layout) for an interleaved call of
     transformers' form, or None for inputs the op does not serve. Shared by the pair and the
     one-tensor forms."""
+    cos, sin, unsqueeze_dim = tables_from_dim_0(cos, sin, unsqueeze_dim)
     seq_dim = _seq_dim(q, k, unsqueeze_dim)
     if seq_dim < 0:
         return None

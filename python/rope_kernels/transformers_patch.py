@@ -304,8 +304,10 @@ def _examine(module_name: str, function: str = _FUNCTION) -> Optional[ModuleStat
         return cached[1]
     keep_dtype, convention, reason = _prove(original, function)
     names = _parameters(original)
-    one_tensor = names is not None and _SIGNATURES[names].one_tensor
-    arguments = "" if convention is None else convention.arguments_one if one_tensor else convention.arguments
+    signature = None if names is None else _SIGNATURES[names]
+    arguments = ""
+    if convention is not None and signature is not None:
+        arguments = (convention.arguments_one if signature.one_tensor else convention.arguments) + signature.arguments_note
     status = ModuleStatus(module_name, convention is not None, reason, bool(keep_dtype), arguments, function)
     _examined[(module_name, function)] = (original, status)
     return status
@@ -330,13 +332,25 @@ class _Signature:
     sin_first: bool = False
     # The vision towers' (q, k, cos, sin): (S, H, D) tensors of one image or video, (S, D) tables.
     one_sequence: bool = False
+    # DINOv3's (q, k, cos, sin, **kwargs): (B, H, S, D) tensors whose last P tokens (the patches)
+    # are rotated by (P, D) tables; the first S - P (class and register tokens) pass through.
+    prefix_tokens: bool = False
+
+    @property
+    def arguments_note(self) -> str:
+        """What the families table adds to the op's arguments for functions of this signature."""
+        return _PREFIX_TOKENS_NOTE if self.prefix_tokens else ""
+
+
+_PREFIX_TOKENS_NOTE = ", the class and register tokens at a table row of angle 0"
 
 
 _SIGNATURES = {("q", "k", "cos", "sin", "unsqueeze_dim"): _Signature(False, False),  # transformers 5.x
                ("q", "k", "cos", "sin", "position_ids", "unsqueeze_dim"): _Signature(False, True),  # 4.x
                ("x", "cos", "sin", "unsqueeze_dim"): _Signature(True, False),
                ("tensor", "sin", "cos"): _Signature(True, False, sin_first=True),
-               ("q", "k", "cos", "sin"): _Signature(False, False, one_sequence=True)}
+               ("q", "k", "cos", "sin"): _Signature(False, False, one_sequence=True),
+               ("q", "k", "cos", "sin", "kwargs"): _Signature(False, False, prefix_tokens=True)}
 
 
 def _parameters(original: Any) -> Optional[Tuple[str, ...]]:
@@ -360,6 +374,8 @@ def _as_cos_first(sin_first: Callable[..., Any]) -> Callable[..., Any]:
     """GPT-J's (tensor, sin, cos) as the one-tensor form (x, cos, sin, unsqueeze_dim) the proof
     calls: (B, S, H, D) tensors as they are, (B, H, S, D) ones as their (B, S, H, D) view."""
     def cos_first(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1) -> Any:
+        if unsqueeze_dim not in (1, 2):
+            raise ValueError("takes (B, H, S, D) and (B, S, H, D) tensors only")
         if unsqueeze_dim == 2:
             return sin_first(x, sin, cos)
         return sin_first(x.transpose(1, 2), sin, cos).transpose(1, 2)
@@ -370,6 +386,8 @@ def _as_batched(one_sequence: Callable[..., Any]) -> Callable[..., Any]:
     """A vision tower's (q, k, cos, sin) on (S, H, D) tensors as transformers' form the proof
     calls, (q, k, cos, sin, unsqueeze_dim) on batches: each sequence of the batch by one call."""
     def batched(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1) -> Any:
+        if unsqueeze_dim not in (1, 2):
+            raise ValueError("takes (B, H, S, D) and (B, S, H, D) tensors only")
         heads_first = unsqueeze_dim == 1
         if heads_first:
             q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -378,6 +396,39 @@ def _as_batched(one_sequence: Callable[..., Any]) -> Callable[..., Any]:
         q_out, k_out = torch.stack([out[0] for out in outs]), torch.stack([out[1] for out in outs])
         return (q_out.transpose(1, 2), k_out.transpose(1, 2)) if heads_first else (q_out, k_out)
     return batched
+
+
+def _as_per_image(prefixed: Callable[..., Any]) -> Callable[..., Any]:
+    """DINOv3's (q, k, cos, sin, **kwargs) as the form the proof calls, (q, k, cos, sin,
+    unsqueeze_dim) on (B, H, S, D) tensors: each image by one call with its own (S', D) rows of
+    the tables, S' = S rotating every token, S' < S the last S' (the first S - S' pass through)."""
+    def per_image(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1) -> Any:
+        if unsqueeze_dim != 1:
+            raise ValueError("takes (B, H, S, D) tensors only")
+        rows = [b if cos.size(0) > 1 else 0 for b in range(q.size(0))]
+        outs = [prefixed(q[b:b + 1], k[b:b + 1], cos[row], sin[row]) for b, row in enumerate(rows)]
+        return torch.cat([out[0] for out in outs]), torch.cat([out[1] for out in outs])
+    return per_image
+
+
+def _fused_after_prefix_tokens(fused_pos_emb: Callable[..., Optional[Tuple[torch.Tensor, torch.Tensor]]],
+                               q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                               keep_dtype: bool) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """DINOv3's call in one op call, or None where the op does not serve it: (B, H, S, D) q and k,
+    (P, W) tables for the last P tokens. Each of the first S - P tokens reads a row of angle 0 put
+    before the tables (cos 1, sin 0: the rotation is exactly the identity), token s >= S - P row
+    s - (S - P) + 1: the tables grow by a row, q and k are read and written once."""
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 2 or sin.dim() != 2 or k.size(2) != q.size(2):
+        return None
+    prefix = q.size(2) - cos.size(0)
+    if prefix < 0 or cos.shape != sin.shape:
+        return None
+    if prefix == 0:
+        return fused_pos_emb(q, k, cos, sin, None, 1, keep_dtype)
+    cos = torch.cat([torch.ones_like(cos[:1]), cos])
+    sin = torch.cat([torch.zeros_like(sin[:1]), sin])
+    positions = (torch.arange(q.size(2), device=q.device) - (prefix - 1)).clamp(min=0)
+    return fused_pos_emb(q, k, cos, sin, positions, 1, keep_dtype)
 
 
 def _same_tables(table: torch.Tensor) -> torch.Tensor:
@@ -459,13 +510,13 @@ def _prove(original: Any, function: str = _FUNCTION) -> Tuple[Optional[bool], Op
     if names is None:
         return None, None, (f"its {function} does not have transformers' signature "
                             "(q, k, cos, sin[, position_ids=None], unsqueeze_dim=1), a vision tower's "
-                            "(q, k, cos, sin), or a one-tensor one: (x, cos, sin, unsqueeze_dim=1) or "
-                            "GPT-J's (tensor, sin, cos)")
+                            "(q, k, cos, sin), DINOv3's (q, k, cos, sin, **kwargs), or a one-tensor one: "
+                            "(x, cos, sin, unsqueeze_dim=1) or GPT-J's (tensor, sin, cos)")
     signature = _SIGNATURES[names]
     problems = []
     for convention in _CONVENTIONS:
         cases = {name: case.with_tables(convention.tables)
-                 for name, case in _proof_cases(signature.position_ids).items()}
+                 for name, case in _proof_cases(signature).items()}
         keep_dtype, problem = _prove_convention(original, function, convention, signature, cases)
         if problem is None:
             return keep_dtype, convention, (f"the op computes its {function} with {convention.name}, forward and "
@@ -488,6 +539,8 @@ def _as_called(function: Callable[..., Any], signature: _Signature) -> Callable[
         return _as_pair(_as_cos_first(function))
     if signature.one_sequence:
         return _as_batched(function)
+    if signature.prefix_tokens:
+        return _as_per_image(function)
     if signature.one_tensor:
         return _as_pair(function)
     return function
@@ -505,7 +558,8 @@ def _prove_convention(original: Any, function: str, convention: _Convention, sig
     if out_dtype not in (torch.bfloat16, torch.float32):
         return False, f"its {function} returns {out_dtype} for bfloat16 q and float32 cos/sin"
     keep_dtype = out_dtype == torch.bfloat16
-    replacement = _as_called(_replacement(original, convention, signature, keep_dtype, function), signature)
+    # The replacement with no function to fall back on: what is proven is the op's result.
+    only_the_op = _as_called(_replacement(_not_served, convention, signature, keep_dtype, function), signature)
     for name, case in cases.items():
         try:
             expected = _forward_and_grads(as_called, case)
@@ -513,19 +567,22 @@ def _prove_convention(original: Any, function: str, convention: _Convention, sig
             if case.optional:
                 continue  # a form the function does not take: the model never passes it
             return False, f"its {function} raised on the {name} call ({type(error).__name__}: {error})"
-        if not _op_serves(convention, signature, case, keep_dtype):
+        try:
+            got = _forward_and_grads(only_the_op, case)
+        except _NotServed:
             return False, f"the op does not serve its {name} call"
-        problem = _difference(_forward_and_grads(replacement, case), expected, case)
+        problem = _difference(got, expected, case)
         if problem is not None:
             return False, f"{problem} on the {name} call"
     return keep_dtype, None
 
 
-def _op_serves(convention: _Convention, signature: _Signature, case: "_Case", keep_dtype: bool) -> bool:
-    if signature.one_tensor:
-        return all(convention.fused_one(x, case.cos, case.sin, case.unsqueeze_dim, keep_dtype) is not None
-                   for x in (case.q, case.k))
-    return convention.fused(*case.fused_args(), keep_dtype=keep_dtype) is not None
+class _NotServed(Exception):
+    """Raised in the proof where a replacement would hand the call to the function it replaces."""
+
+
+def _not_served(*args: Any, **kwargs: Any) -> Any:
+    raise _NotServed()
 
 
 @dataclasses.dataclass
@@ -536,14 +593,9 @@ class _Case:
     sin: torch.Tensor
     extra: Tuple[Any, ...]  # the arguments after sin, in the function's order
     optional: bool = False  # a form the function may refuse
-    unsqueeze_dim: int = 1
-    position_ids: Optional[torch.Tensor] = None
 
     def args(self, q: Optional[torch.Tensor] = None, k: Optional[torch.Tensor] = None) -> Tuple[Any, ...]:
         return (self.q if q is None else q, self.k if k is None else k, self.cos, self.sin) + self.extra
-
-    def fused_args(self) -> Tuple[Any, ...]:
-        return (self.q, self.k, self.cos, self.sin, self.position_ids, self.unsqueeze_dim)
 
     def with_tables(self, form: Callable[[torch.Tensor], torch.Tensor]) -> "_Case":
         return dataclasses.replace(self, cos=form(self.cos), sin=form(self.sin))
@@ -557,8 +609,10 @@ def _angles(rows: int, width: int, generator: torch.Generator, dtype: torch.dtyp
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def _proof_cases(takes_position_ids: bool) -> Dict[str, _Case]:
-    """Small random calls in each form transformers' models make, float64 (exact) but one."""
+def _proof_cases(signature: _Signature) -> Dict[str, _Case]:
+    """Small random calls in each form transformers' models make, float64 (exact) but one, and
+    the forms of the signature's own."""
+    takes_position_ids = signature.position_ids
     g = torch.Generator().manual_seed(0)
     batch, heads_q, heads_k, seq, head_dim = 2, 3, 1, 5, 8
 
@@ -581,7 +635,10 @@ def _proof_cases(takes_position_ids: bool) -> Dict[str, _Case]:
                                    cos, sin, extra())
     cos, sin = per_token(batch, head_dim)
     cases["(B, S, H, D)"] = _Case(normal(batch, seq, heads_q, head_dim), normal(batch, seq, heads_k, head_dim),
-                                  cos, sin, extra(2), optional=True, unsqueeze_dim=2)
+                                  cos, sin, extra(2), optional=True)
+    cos, sin = _angles(seq, head_dim, g, torch.float64)
+    cases["(S, D)-table-at-dim-0"] = _Case(normal(batch, heads_q, seq, head_dim), normal(batch, heads_k, seq, head_dim),
+                                           cos, sin, extra(0), optional=True)  # Pixtral's
     cos, sin = per_token(batch, head_dim // 2)
     cases["partial-rotary"] = _Case(normal(batch, heads_q, seq, head_dim), normal(batch, heads_k, seq, head_dim),
                                     cos, sin, extra(), optional=True)
@@ -594,7 +651,12 @@ def _proof_cases(takes_position_ids: bool) -> Dict[str, _Case]:
         positions = torch.randint(0, seq + 3, (batch, seq), generator=g)
         cases["table-and-position_ids"] = _Case(normal(batch, heads_q, seq, head_dim),
                                                 normal(batch, heads_k, seq, head_dim), cos, sin,
-                                                extra(position_ids=positions), optional=True, position_ids=positions)
+                                                extra(position_ids=positions), optional=True)
+    if signature.prefix_tokens:
+        cos, sin = per_token(1, head_dim)
+        prefix = 2
+        cases["prefix-tokens"] = _Case(normal(batch, heads_q, seq, head_dim), normal(batch, heads_k, seq, head_dim),
+                                       cos[:, prefix:], sin[:, prefix:], extra())
     return cases
 
 
@@ -646,6 +708,12 @@ def _replacement(original: Any, convention: _Convention, signature: _Signature,
                 fused = fused_pos_emb(q[None], k[None], cos[None], sin[None], None, 2, keep_dtype)
             return original(q, k, cos, sin) if fused is None else (fused[0][0], fused[1][0])
         chosen = replacement_one_sequence
+    elif signature.prefix_tokens:
+        def replacement_prefix_tokens(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                                      **kwargs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+            fused = None if kwargs else _fused_after_prefix_tokens(fused_pos_emb, q, k, cos, sin, keep_dtype)
+            return original(q, k, cos, sin, **kwargs) if fused is None else fused
+        chosen = replacement_prefix_tokens
     elif signature.one_tensor:
         def replacement_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
                             ) -> torch.Tensor:
@@ -679,9 +747,10 @@ def _install(status: ModuleStatus) -> None:
     names = _parameters(current)
     assert names is not None and status.patched
     _originals[(status.module, status.function)] = current
-    convention = next(c for c in _CONVENTIONS if status.convention in (c.arguments, c.arguments_one))
-    setattr(module, status.function,
-            _replacement(current, convention, _SIGNATURES[names], status.keep_dtype, status.function))
+    signature = _SIGNATURES[names]
+    arguments = status.convention.removesuffix(signature.arguments_note)
+    convention = next(c for c in _CONVENTIONS if arguments in (c.arguments, c.arguments_one))
+    setattr(module, status.function, _replacement(current, convention, signature, status.keep_dtype, status.function))
 
 
 def _restore(key: Tuple[str, str]) -> None:
