@@ -4,7 +4,8 @@ random causal LM of each, built from its config (no download), gives the unpatch
 and every parameter's gradient, generates the same tokens from left-padded prompts, and runs the
 fused op in its attention. A family without a causal LM (an encoder, an encoder-decoder, a
 vision-language model) is run on token ids alone through its first model class that takes them
-(hf_tiny_models.TEXT_MODEL_KINDS): the same output and gradients, and the op run.
+(hf_tiny_models.TEXT_MODEL_KINDS), and an image model (DINOv3, Sapiens 2, Pixtral's vision
+encoder) on two random images: the same output and gradients, and the op run.
 
 float32 on the CPU must match transformers to float32 rounding; bfloat16 on a GPU must be as close
 to a float32 run of the same weights as transformers' bfloat16 model is with its RoPE rounded once
