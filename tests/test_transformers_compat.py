@@ -202,6 +202,40 @@ def test_vision_towers_function_is_patched(dtype: torch.dtype) -> None:
     assert module.apply_rotary_pos_emb_vision is original
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_vision_function_with_partial_rotary_is_patched(device: str, dtype: torch.dtype) -> None:
+    # MiniMax-M3-VL's apply_rotary_pos_emb_vision: (B, S, H, D) patches, (S, R) tables rotating the
+    # first R features (the rest passes through): the op's rotary_dim on (B, S, H, D), one call,
+    # forward and backward within one rounding of the function's float64 result.
+    from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl as module
+
+    original = module.apply_rotary_pos_emb_vision
+    batch, seq, heads, head_dim, rotated = 2, 10, 4, 32, 16
+    qkv = torch.randn(batch, seq, 3, heads, head_dim).to(device, dtype)
+    q, k = (t.requires_grad_() for t in qkv[:, :, :2].unbind(2))
+    half = torch.rand(seq, rotated // 2) * 6
+    cos, sin = (torch.cat([f(half), f(half)], -1).to(device, dtype) for f in (torch.cos, torch.sin))
+    with rope_kernels.patch_transformers(module) as handle:
+        vision = [status for status in handle.report if status.function == "apply_rotary_pos_emb_vision"]
+        assert len(vision) == 1 and vision[0].patched and "(B, S, H, D) patches" in vision[0].reason, vision
+        counter = OpCounter()
+        with counter:
+            got = module.apply_rotary_pos_emb_vision(q, k, cos, sin)
+        assert counter.calls.count(torch.ops.rope.fused_qk.default) == 1
+    assert module.apply_rotary_pos_emb_vision is original
+    q64, k64 = (x.detach().cpu().double().requires_grad_() for x in (q, k))
+    want = original(q64, k64, cos.cpu().double(), sin.cpu().double())
+    for a, b, x in zip(got, want, (q, k)):
+        assert a.dtype == dtype and a.shape == x.shape
+        torch.testing.assert_close(a.detach().cpu().double(), b.detach(), **tolerance(dtype))
+    weights = [torch.randn_like(t) for t in got]
+    grads = torch.autograd.grad(sum((t * w).sum() for t, w in zip(got, weights)), (q, k))
+    expected = torch.autograd.grad(sum((t * w.cpu().double()).sum() for t, w in zip(want, weights)), (q64, k64))
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a.cpu().double(), b, **tolerance(dtype))
+
+
 def _rotated_in_float64(x: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
     x = x.double()
     first, second = x.chunk(2, dim=-1)

@@ -112,9 +112,10 @@ def _patched() -> List[Any]:
 
 
 REPORT = rope_kernels.patch_transformers(dry_run=True).report
-# The modules whose vision towers' apply_rotary_pos_emb_vision is patched.
-VISION_MODULES = [status.module for status in REPORT
-                  if status.patched and status.function == "apply_rotary_pos_emb_vision"]
+# The modules whose vision towers' apply_rotary_pos_emb_vision is patched, and whether it takes
+# (B, S, H, D) batches (MiniMax-M3-VL's) rather than (S, H, D) patches (the proof says which).
+VISION_MODULES = [pytest.param(status.module, "(B, S, H, D) patches" in status.reason, id=status.module.split(".")[2])
+                  for status in REPORT if status.patched and status.function == "apply_rotary_pos_emb_vision"]
 
 
 FAMILIES = _families()
@@ -310,16 +311,17 @@ def test_the_image_model_test_sees_a_wrong_rotation(model_type: str, class_name:
 
 
 @pytest.mark.parametrize("device", DEVICES_OF_VISION)
-@pytest.mark.parametrize("module_name", VISION_MODULES, ids=lambda name: name.split(".")[2])
-def test_patched_vision_function_matches_transformers(module_name: str, device: str) -> None:
+@pytest.mark.parametrize(("module_name", "batches"), VISION_MODULES)
+def test_patched_vision_function_matches_transformers(module_name: str, batches: bool, device: str) -> None:
     # A vision tower's attention hands its function (S, H, D) patches unbound from one qkv
-    # projection (strided views) and (S, D) float32 tables: the patched function gives the
-    # original's result (float32), and the op runs.
+    # projection (strided views), or (B, S, H, D) views of one, and (S, D) float32 tables: the
+    # patched function gives the original's result (float32), and the op runs.
     module = importlib.import_module(module_name)
     original = module.apply_rotary_pos_emb_vision
     generator = torch.Generator().manual_seed(5)
     seq, heads, head_dim = 10, 4, 16
-    q, k, _ = torch.randn(seq, 3, heads, head_dim, generator=generator).to(device).permute(1, 0, 2, 3).unbind(0)
+    qkv = torch.randn(2, seq, 3, heads, head_dim, generator=generator).to(device)
+    q, k, _ = (qkv if batches else qkv[0]).unbind(-3)
     half = torch.rand(seq, head_dim // 2, generator=generator).to(device) * 6
     cos, sin = torch.cat([half, half], -1).cos(), torch.cat([half, half], -1).sin()
     with rope_kernels.patch_transformers(module):

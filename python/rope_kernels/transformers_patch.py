@@ -83,8 +83,19 @@ class ModuleStatus:
         return f"{name}: {'patched' if self.patched else 'left alone'}: {self.reason}"
 
 
-# (modeling module, function name) -> (the function it held when examined, its status).
-_examined: Dict[Tuple[str, str], Tuple[Any, ModuleStatus]] = {}
+@dataclasses.dataclass(frozen=True)
+class _Examined:
+    """What examining one function of a module found: the function, its status and, where the op
+    computes it, the convention and the signature form its replacement is built for."""
+
+    original: Any
+    status: ModuleStatus
+    convention: Optional["_Convention"] = None
+    signature: Optional["_Signature"] = None
+
+
+# (modeling module, function name) -> what examining it found.
+_examined: Dict[Tuple[str, str], _Examined] = {}
 
 
 class TransformersPatch:
@@ -102,7 +113,7 @@ class TransformersPatch:
         statuses = list(self._report)
         if self._hooked:
             seen = {status.module for status in statuses}
-            statuses += [entry[1] for key, entry in sorted(_examined.items())
+            statuses += [entry.status for key, entry in sorted(_examined.items())
                          if key[0] not in seen and key[0] in _hooked_modules]
         return tuple(statuses)
 
@@ -300,16 +311,14 @@ def _examine(module_name: str, function: str = _FUNCTION) -> Optional[ModuleStat
                             function=function)
     original = getattr(current, _REPLACED, current)
     cached = _examined.get((module_name, function))
-    if cached is not None and cached[0] is original:
-        return cached[1]
-    keep_dtype, convention, reason = _prove(original, function)
-    names = _parameters(original)
-    signature = None if names is None else _SIGNATURES[names]
+    if cached is not None and cached.original is original:
+        return cached.status
+    keep_dtype, convention, signature, reason = _prove(original, function)
     arguments = ""
     if convention is not None and signature is not None:
         arguments = (convention.arguments_one if signature.one_tensor else convention.arguments) + signature.arguments_note
     status = ModuleStatus(module_name, convention is not None, reason, bool(keep_dtype), arguments, function)
-    _examined[(module_name, function)] = (original, status)
+    _examined[(module_name, function)] = _Examined(original, status, convention, signature)
     return status
 
 
@@ -330,8 +339,10 @@ class _Signature:
     # GPT-J's and CodeGen's (tensor, sin, cos): one tensor, (B, S, H, D), sin before cos, and no
     # unsqueeze_dim (their tables broadcast at dim 2).
     sin_first: bool = False
-    # The vision towers' (q, k, cos, sin): (S, H, D) tensors of one image or video, (S, D) tables.
+    # The vision towers' (q, k, cos, sin): (S, H, D) tensors of one image or video, (S, D) tables;
+    # with batch_of_sequences, (B, S, H, D) tensors and (S, D) tables for all of them (MiniMax-M3-VL).
     one_sequence: bool = False
+    batch_of_sequences: bool = False
     # DINOv3's (q, k, cos, sin, **kwargs): (B, H, S, D) tensors whose last P tokens (the patches)
     # are rotated by (P, D) tables; the first S - P (class and register tokens) pass through.
     prefix_tokens: bool = False
@@ -345,12 +356,14 @@ class _Signature:
 _PREFIX_TOKENS_NOTE = ", the class and register tokens at a table row of angle 0"
 
 
-_SIGNATURES = {("q", "k", "cos", "sin", "unsqueeze_dim"): _Signature(False, False),  # transformers 5.x
-               ("q", "k", "cos", "sin", "position_ids", "unsqueeze_dim"): _Signature(False, True),  # 4.x
-               ("x", "cos", "sin", "unsqueeze_dim"): _Signature(True, False),
-               ("tensor", "sin", "cos"): _Signature(True, False, sin_first=True),
-               ("q", "k", "cos", "sin"): _Signature(False, False, one_sequence=True),
-               ("q", "k", "cos", "sin", "kwargs"): _Signature(False, False, prefix_tokens=True)}
+# The parameters of a function -> the forms of call it may take, tried in turn by the proof.
+_SIGNATURES = {("q", "k", "cos", "sin", "unsqueeze_dim"): (_Signature(False, False),),  # transformers 5.x
+               ("q", "k", "cos", "sin", "position_ids", "unsqueeze_dim"): (_Signature(False, True),),  # 4.x
+               ("x", "cos", "sin", "unsqueeze_dim"): (_Signature(True, False),),
+               ("tensor", "sin", "cos"): (_Signature(True, False, sin_first=True),),
+               ("q", "k", "cos", "sin"): (_Signature(False, False, one_sequence=True),
+                                          _Signature(False, False, one_sequence=True, batch_of_sequences=True)),
+               ("q", "k", "cos", "sin", "kwargs"): (_Signature(False, False, prefix_tokens=True),)}
 
 
 def _parameters(original: Any) -> Optional[Tuple[str, ...]]:
@@ -382,9 +395,10 @@ def _as_cos_first(sin_first: Callable[..., Any]) -> Callable[..., Any]:
     return cos_first
 
 
-def _as_batched(one_sequence: Callable[..., Any]) -> Callable[..., Any]:
-    """A vision tower's (q, k, cos, sin) on (S, H, D) tensors as transformers' form the proof
-    calls, (q, k, cos, sin, unsqueeze_dim) on batches: each sequence of the batch by one call."""
+def _as_batched(one_sequence: Callable[..., Any], batch_of_sequences: bool) -> Callable[..., Any]:
+    """A vision tower's (q, k, cos, sin) as transformers' form the proof calls, (q, k, cos, sin,
+    unsqueeze_dim) on batches: each sequence of the batch by one call, as (S, H, D) tensors or,
+    for a function that takes batches, a batch of one (1, S, H, D); its (S, D) rows of the tables."""
     def batched(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1) -> Any:
         if unsqueeze_dim not in (1, 2):
             raise ValueError("takes (B, H, S, D) and (B, S, H, D) tensors only")
@@ -392,8 +406,12 @@ def _as_batched(one_sequence: Callable[..., Any]) -> Callable[..., Any]:
         if heads_first:
             q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = cos.expand(q.size(0), -1, -1), sin.expand(q.size(0), -1, -1)
-        outs = [one_sequence(q[b], k[b], cos[b], sin[b]) for b in range(q.size(0))]
-        q_out, k_out = torch.stack([out[0] for out in outs]), torch.stack([out[1] for out in outs])
+        if batch_of_sequences:
+            outs = [one_sequence(q[b:b + 1], k[b:b + 1], cos[b], sin[b]) for b in range(q.size(0))]
+            q_out, k_out = torch.cat([out[0] for out in outs]), torch.cat([out[1] for out in outs])
+        else:
+            outs = [one_sequence(q[b], k[b], cos[b], sin[b]) for b in range(q.size(0))]
+            q_out, k_out = torch.stack([out[0] for out in outs]), torch.stack([out[1] for out in outs])
         return (q_out.transpose(1, 2), k_out.transpose(1, 2)) if heads_first else (q_out, k_out)
     return batched
 
@@ -501,28 +519,34 @@ _CONVENTIONS = (
 )
 
 
-def _prove(original: Any, function: str = _FUNCTION) -> Tuple[Optional[bool], Optional[_Convention], str]:
-    """(keep_dtype, convention, why) where the op computes the function, (None, None, why not)
-    otherwise. The conventions are tried in turn; the first that gives the function's result in
-    every form it is called with is taken. A one-tensor function is proven on q and k through two
-    calls, as attention layers make them."""
+def _prove(original: Any, function: str = _FUNCTION
+           ) -> Tuple[Optional[bool], Optional[_Convention], Optional[_Signature], str]:
+    """(keep_dtype, convention, signature form, why) where the op computes the function, (None,
+    None, None, why not) otherwise. The forms of call its parameters allow, and in each the
+    conventions, are tried in turn; the first that gives the function's result in every form it is
+    called with is taken. A one-tensor function is proven on q and k through two calls, as
+    attention layers make them."""
     names = _parameters(original)
     if names is None:
-        return None, None, (f"its {function} does not have transformers' signature "
+        return None, None, None, (f"its {function} does not have transformers' signature "
                             "(q, k, cos, sin[, position_ids=None], unsqueeze_dim=1), a vision tower's "
                             "(q, k, cos, sin), DINOv3's (q, k, cos, sin, **kwargs), or a one-tensor one: "
                             "(x, cos, sin, unsqueeze_dim=1) or GPT-J's (tensor, sin, cos)")
-    signature = _SIGNATURES[names]
     problems = []
-    for convention in _CONVENTIONS:
-        cases = {name: case.with_tables(convention.tables)
-                 for name, case in _proof_cases(signature).items()}
-        keep_dtype, problem = _prove_convention(original, function, convention, signature, cases)
-        if problem is None:
-            return keep_dtype, convention, (f"the op computes its {function} with {convention.name}, forward and "
-                                            "backward" + (" (result in q's dtype)" if keep_dtype else ""))
-        problems.append(f"with {convention.name}, {problem}")
-    return None, None, f"no convention of the op gives its {function}: " + "; ".join(problems)
+    for signature in _SIGNATURES[names]:
+        # (Where a vision function may take (S, H, D) or (B, S, H, D) patches, the reasons say which.)
+        form = "" if not signature.one_sequence else " on (B, S, H, D) patches" if signature.batch_of_sequences \
+            else " on (S, H, D) patches"
+        for convention in _CONVENTIONS:
+            cases = {name: case.with_tables(convention.tables)
+                     for name, case in _proof_cases(signature).items()}
+            keep_dtype, problem = _prove_convention(original, function, convention, signature, cases)
+            if problem is None:
+                return keep_dtype, convention, signature, (
+                    f"the op computes its {function} with {convention.name}{form}, forward and backward"
+                    + (" (result in q's dtype)" if keep_dtype else ""))
+            problems.append(f"with {convention.name}{form}, {problem}")
+    return None, None, None, f"no convention of the op gives its {function}: " + "; ".join(problems)
 
 
 def _as_pair(one: Callable[..., Any]) -> Callable[..., Tuple[Any, Any]]:
@@ -538,7 +562,7 @@ def _as_called(function: Callable[..., Any], signature: _Signature) -> Callable[
     if signature.sin_first:
         return _as_pair(_as_cos_first(function))
     if signature.one_sequence:
-        return _as_batched(function)
+        return _as_batched(function, signature.batch_of_sequences)
     if signature.prefix_tokens:
         return _as_per_image(function)
     if signature.one_tensor:
@@ -699,6 +723,15 @@ def _replacement(original: Any, convention: _Convention, signature: _Signature,
             fused = fused_one(tensor, cos, sin, 2, keep_dtype)
             return original(tensor, sin, cos) if fused is None else fused
         chosen: Callable[..., Any] = replacement_sin_first
+    elif signature.batch_of_sequences:
+        def replacement_batch_of_sequences(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+            # (B, S, H, D) tensors, and (S, D) tables as every sequence's per-token angles.
+            fused = None
+            if q.dim() == 4 and k.dim() == 4 and cos.dim() == 2 and sin.dim() == 2:
+                fused = fused_pos_emb(q, k, cos[None], sin[None], None, 2, keep_dtype)
+            return original(q, k, cos, sin) if fused is None else fused
+        chosen = replacement_batch_of_sequences
     elif signature.one_sequence:
         def replacement_one_sequence(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                                      ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -744,13 +777,12 @@ def _install(status: ModuleStatus) -> None:
     current = getattr(module, status.function)
     if hasattr(current, _REPLACED):
         return  # already patched
-    names = _parameters(current)
-    assert names is not None and status.patched
+    examined = _examined[(status.module, status.function)]
+    assert status.patched and examined.original is current
+    assert examined.convention is not None and examined.signature is not None
     _originals[(status.module, status.function)] = current
-    signature = _SIGNATURES[names]
-    arguments = status.convention.removesuffix(signature.arguments_note)
-    convention = next(c for c in _CONVENTIONS if arguments in (c.arguments, c.arguments_one))
-    setattr(module, status.function, _replacement(current, convention, signature, status.keep_dtype, status.function))
+    setattr(module, status.function, _replacement(current, examined.convention, examined.signature,
+                                                  status.keep_dtype, status.function))
 
 
 def _restore(key: Tuple[str, str]) -> None:
