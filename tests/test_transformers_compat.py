@@ -236,6 +236,75 @@ def test_batched_vision_function_with_partial_rotary_is_patched(device: str, dty
         torch.testing.assert_close(a.cpu().double(), b, **tolerance(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_clvps_function_rotating_v_too_is_patched(device: str, dtype: torch.dtype) -> None:
+    # CLVP's apply_rotary_pos_emb(q, k, v, cos, sin, position_ids): q, k and v (its attention's
+    # rotated slices of each head) by a (max_seq, D) table at position_ids: q and k by one op call,
+    # v by a second, forward and backward within one rounding of the function's float64 result.
+    from transformers.models.clvp import modeling_clvp as module
+
+    original = module.apply_rotary_pos_emb
+    batch, heads, seq, head_dim, rotated, rows = 2, 4, 6, 32, 16, 9
+    qkv = torch.randn(batch, seq, 3, heads, head_dim).to(device, dtype).transpose(1, 3)  # (B, H, 3, S, D)
+    q, k, v = (t[..., :rotated].requires_grad_() for t in qkv.unbind(2))  # CLVP's slices
+    freqs = torch.rand(rows, rotated // 2) * 6
+    cos, sin = (torch.cat([f(freqs), f(freqs)], -1).to(device, dtype) for f in (torch.cos, torch.sin))
+    position_ids = torch.randint(0, rows, (batch, seq)).to(device)
+    with rope_kernels.patch_transformers(module) as handle:
+        assert handle.report[0].convention == "`fused_qk`, and `fused` for v"
+        counter = OpCounter()
+        with counter:
+            got = module.apply_rotary_pos_emb(q, k, v, cos, sin, position_ids)
+        assert counter.calls.count(torch.ops.rope.fused_qk.default) == 2  # (rope::fused is fused_qk over one tensor)
+    assert module.apply_rotary_pos_emb is original
+    q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    want = original(q64, k64, v64, cos.cpu().double(), sin.cpu().double(), position_ids.cpu())
+    for a, b, x in zip(got, want, (q, k, v)):
+        assert a.dtype == dtype and a.shape == x.shape
+        torch.testing.assert_close(a.detach().cpu().double(), b.detach(), **tolerance(dtype))
+    weights = [torch.randn_like(t) for t in got]
+    grads = torch.autograd.grad(sum((t * w).sum() for t, w in zip(got, weights)), (q, k, v))
+    expected = torch.autograd.grad(sum((t * w.cpu().double()).sum() for t, w in zip(want, weights)), (q64, k64, v64))
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a.cpu().double(), b, **tolerance(dtype))
+
+
+def test_clvp_encoder_patched_gives_the_same_states_and_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A tiny random CLVP text encoder (its RoPE rotates q, k and v): patched, the same hidden states
+    # and parameter gradients (float32), the op run in every layer; and the check can fail: with
+    # q, k and v left unrotated the states move.
+    from transformers.models.clvp import configuration_clvp, modeling_clvp
+
+    config = configuration_clvp.ClvpEncoderConfig(vocab_size=128, hidden_size=128, intermediate_size=128,
+                                                  projection_dim=32, num_hidden_layers=2, num_attention_heads=2,
+                                                  bos_token_id=1, eos_token_id=2)  # head_dim 64, 32 of it rotated
+    torch.manual_seed(0)
+    encoder = modeling_clvp.ClvpEncoder(config).eval()
+    ids = torch.randint(3, 128, (2, 9))
+    weights = torch.randn(2, 9, 128)
+
+    def step() -> Any:
+        encoder.zero_grad(set_to_none=True)
+        states = encoder(input_ids=ids).last_hidden_state
+        (states * weights).sum().backward()
+        return states.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
+
+    states, grads = step()
+    with rope_kernels.patch_transformers(encoder):
+        counter = OpCounter()
+        with counter:
+            patched_states, patched_grads = step()
+    assert sum(1 for op in counter.calls if op.namespace == "rope") == 2 * 2 * 2  # layers x (q+k, v) x (fwd, bwd)
+    torch.testing.assert_close(patched_states, states)
+    assert patched_grads.keys() == grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(patched_grads[name], grads[name], msg=name)
+    monkeypatch.setattr(modeling_clvp, "apply_rotary_pos_emb", lambda q, k, v, *rest: (q, k, v))
+    unrotated, _ = step()
+    assert float((unrotated - states).abs().max()) > 0.01 * float(states.abs().max())
+
+
 def _rotated_in_float64(x: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
     x = x.double()
     first, second = x.chunk(2, dim=-1)

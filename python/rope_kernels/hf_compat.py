@@ -161,12 +161,13 @@ def fused_rotary_pos_emb_one(
     keep_dtype: bool = False,
     tables: str = "twice",
     reverse: bool = False,
+    position_ids: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
     """The one-tensor ``apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim)`` of Gemma 3n and Gemma 4
     (q and k rotated by separate calls) from the fused op (``rope::fused``, or its gradient
     ``rope::fused_backward`` with ``reverse``), or None for inputs the op does not serve; otherwise
-    as ``fused_rotary_pos_emb``."""
-    call = _op_call(x, x, cos, sin, None, unsqueeze_dim, keep_dtype, tables)
+    as ``fused_rotary_pos_emb`` (``position_ids`` included: a table's rows, as for the pair)."""
+    call = _op_call(x, x, cos, sin, position_ids, unsqueeze_dim, keep_dtype, tables)
     if call is None:
         return None
     x, _, cos, sin, positions, rotary_dim, layout = call

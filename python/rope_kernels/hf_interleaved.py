@@ -181,10 +181,12 @@ def fused_interleaved_pos_emb_one(
     keep_dtype: bool = False,
     tables: str = "twice",
     interleaved_out: bool = True,
+    position_ids: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
     """One tensor rotated with interleaved pairs by the fused op (``rope::fused``), as GPT-J's and
     CodeGen's ``apply_rotary_pos_emb(tensor, sin, cos)`` rotates q and k by separate calls, or None
-    for inputs the op does not serve; otherwise as ``fused_interleaved_pos_emb``."""
+    for inputs the op does not serve; otherwise as ``fused_interleaved_pos_emb`` (``position_ids``
+    ignored, as there)."""
     call = _interleaved_call(x, x, cos, sin, unsqueeze_dim, keep_dtype, tables)
     if call is None:
         return None

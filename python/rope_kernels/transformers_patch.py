@@ -346,14 +346,16 @@ class _Signature:
     # DINOv3's (q, k, cos, sin, **kwargs): (B, H, S, D) tensors whose last P tokens (the patches)
     # are rotated by (P, D) tables; the first S - P (class and register tokens) pass through.
     prefix_tokens: bool = False
+    # CLVP's (q, k, v, cos, sin, position_ids, unsqueeze_dim): v rotated as k, by a (max_seq, D)
+    # table at position_ids.
+    value_too: bool = False
 
     @property
     def arguments_note(self) -> str:
         """What the families table adds to the op's arguments for functions of this signature."""
-        return _PREFIX_TOKENS_NOTE if self.prefix_tokens else ""
-
-
-_PREFIX_TOKENS_NOTE = ", the class and register tokens at a table row of angle 0"
+        if self.prefix_tokens:
+            return ", the class and register tokens at a table row of angle 0"
+        return ", and `fused` for v" if self.value_too else ""
 
 
 # The parameters of a function -> the forms of call it may take, tried in turn by the proof.
@@ -363,7 +365,9 @@ _SIGNATURES = {("q", "k", "cos", "sin", "unsqueeze_dim"): (_Signature(False, Fal
                ("tensor", "sin", "cos"): (_Signature(True, False, sin_first=True),),
                ("q", "k", "cos", "sin"): (_Signature(False, False, one_sequence=True),
                                           _Signature(False, False, one_sequence=True, batch_of_sequences=True)),
-               ("q", "k", "cos", "sin", "kwargs"): (_Signature(False, False, prefix_tokens=True),)}
+               ("q", "k", "cos", "sin", "kwargs"): (_Signature(False, False, prefix_tokens=True),),
+               ("q", "k", "v", "cos", "sin", "position_ids", "unsqueeze_dim"):
+                   (_Signature(False, True, value_too=True),)}
 
 
 def _parameters(original: Any) -> Optional[Tuple[str, ...]]:
@@ -378,7 +382,8 @@ def _parameters(original: Any) -> Optional[Tuple[str, ...]]:
         return None
     if "unsqueeze_dim" in parameters and parameters["unsqueeze_dim"].default != 1:
         return None
-    if "position_ids" in parameters and parameters["position_ids"].default is not None:
+    # (position_ids=None in transformers 4.x; CLVP's has no default: the proof passes it always.)
+    if "position_ids" in parameters and parameters["position_ids"].default not in (None, inspect.Parameter.empty):
         return None
     return names
 
@@ -447,6 +452,17 @@ def _fused_after_prefix_tokens(fused_pos_emb: Callable[..., Optional[Tuple[torch
     sin = torch.cat([torch.zeros_like(sin[:1]), sin])
     positions = (torch.arange(q.size(2), device=q.device) - (prefix - 1)).clamp(min=0)
     return fused_pos_emb(q, k, cos, sin, positions, 1, keep_dtype)
+
+
+def _with_k_as_v(rotates_v: Callable[..., Any]) -> Callable[..., Any]:
+    """CLVP's (q, k, v, cos, sin, position_ids, unsqueeze_dim) as the form the proof calls: k
+    given as v too, and the rotated v added to the rotated k, so that the results and gradients
+    compared hold v's rotation as well as k's."""
+    def pair(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: Any,
+             unsqueeze_dim: int = 1) -> Any:
+        q_out, k_out, v_out = rotates_v(q, k, k, cos, sin, position_ids, unsqueeze_dim)
+        return q_out, k_out + v_out
+    return pair
 
 
 def _same_tables(table: torch.Tensor) -> torch.Tensor:
@@ -565,6 +581,8 @@ def _as_called(function: Callable[..., Any], signature: _Signature) -> Callable[
         return _as_batched(function, signature.batch_of_sequences)
     if signature.prefix_tokens:
         return _as_per_image(function)
+    if signature.value_too:
+        return _with_k_as_v(function)
     if signature.one_tensor:
         return _as_pair(function)
     return function
@@ -637,6 +655,8 @@ def _proof_cases(signature: _Signature) -> Dict[str, _Case]:
     """Small random calls in each form transformers' models make, float64 (exact) but one, and
     the forms of the signature's own."""
     takes_position_ids = signature.position_ids
+    if signature.value_too:
+        return _table_proof_cases()
     g = torch.Generator().manual_seed(0)
     batch, heads_q, heads_k, seq, head_dim = 2, 3, 1, 5, 8
 
@@ -682,6 +702,30 @@ def _proof_cases(signature: _Signature) -> Dict[str, _Case]:
         cases["prefix-tokens"] = _Case(normal(batch, heads_q, seq, head_dim), normal(batch, heads_k, seq, head_dim),
                                        cos[:, prefix:], sin[:, prefix:], extra())
     return cases
+
+
+def _table_proof_cases() -> Dict[str, _Case]:
+    """The cases of a function that always reads a (max_seq, D) table at position_ids (CLVP's):
+    float64, bfloat16 q with a float32 table, (B, S, H, D) tensors, a rotated width below head_dim."""
+    g = torch.Generator().manual_seed(0)
+    batch, heads_q, heads_k, seq, head_dim, rows = 2, 3, 1, 5, 8, 8
+
+    def normal(*shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    def table_case(width: int, dtype: torch.dtype, angles_dtype: torch.dtype, unsqueeze_dim: int,
+                   optional: bool) -> _Case:
+        cos, sin = _angles(rows, width, g, angles_dtype)
+        positions = torch.randint(0, rows, (batch, seq), generator=g)
+        shape_q = (batch, heads_q, seq, head_dim) if unsqueeze_dim == 1 else (batch, seq, heads_q, head_dim)
+        shape_k = (batch, heads_k, seq, head_dim) if unsqueeze_dim == 1 else (batch, seq, heads_k, head_dim)
+        return _Case(normal(*shape_q, dtype=dtype), normal(*shape_k, dtype=dtype), cos, sin,
+                     (positions, unsqueeze_dim), optional)
+
+    return {"table-and-position_ids": table_case(head_dim, torch.float64, torch.float64, 1, False),
+            "bfloat16-q-and-float32-angles": table_case(head_dim, torch.bfloat16, torch.float32, 1, False),
+            "(B, S, H, D)": table_case(head_dim, torch.float64, torch.float64, 2, True),
+            "partial-rotary": table_case(head_dim // 2, torch.float64, torch.float64, 1, True)}
 
 
 def _forward_and_grads(fn: Callable[..., Any], case: _Case) -> List[torch.Tensor]:
@@ -753,6 +797,21 @@ def _replacement(original: Any, convention: _Convention, signature: _Signature,
             fused = fused_one(x, cos, sin, unsqueeze_dim, keep_dtype)
             return original(x, cos, sin, unsqueeze_dim) if fused is None else fused
         chosen = replacement_one
+    elif signature.value_too:
+        def replacement_value_too(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                                  sin: torch.Tensor, position_ids: Optional[torch.Tensor], unsqueeze_dim: int = 1
+                                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            # q and k by one op call, v by a second; only the (max_seq, D) table CLVP passes (its
+            # formula indexes any table at position_ids, the drop-in a per-token one not).
+            fused = fused_v = None
+            if cos.dim() == 2 and sin.dim() == 2 and position_ids is not None:
+                fused = fused_pos_emb(q, k, cos, sin, position_ids, unsqueeze_dim, keep_dtype)
+                if fused is not None:
+                    fused_v = fused_one(v, cos, sin, unsqueeze_dim, keep_dtype, position_ids=position_ids)
+            if fused is None or fused_v is None:
+                return original(q, k, v, cos, sin, position_ids, unsqueeze_dim)
+            return fused[0], fused[1], fused_v
+        chosen = replacement_value_too
     elif signature.position_ids:
         def replacement_4x(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            position_ids: Optional[torch.Tensor] = None, unsqueeze_dim: int = 1
