@@ -91,6 +91,18 @@ FAMILY_OVERRIDES: Dict[str, Dict[str, Any]] = {
     # their mRoPE position ids read.
     "qwen2_5_omni_thinker": {"vision_start_token_id": 3},
     "qwen3_omni_moe_thinker": {"vision_start_token_id": 3},
+    # ESMC: multi-head attention only (as many k heads as q heads).
+    "esmc": {"num_key_value_heads": TINY["num_attention_heads"]},
+    # Mistral 4's MLA: head_dim is its nope and rope parts together (16 + 16).
+    "mistral4": {"head_dim": 32},
+    # ERNIE 4.5 VL MoE: the widths of its text and its vision experts.
+    "ernie4_5_vl_moe_text": {"moe_intermediate_size": [32, 32],
+                             # its mRoPE sections of height and width stack: equal (3 + 3 + 2 pairs)
+                             "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0,
+                                                 "mrope_section": [3, 3, 2]}},
+    # Qwen4-Exp: its sparse-attention token indexer (unset by default) on the full-attention layers.
+    "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
+                       "indexer_compress_ratio": 4},
     # LongCat-Flash: its zero-computation experts and expert width.
     "longcat_flash": {"zero_expert_num": 2, "expert_ffn_hidden_size": 32, "moe_topk": 2, "num_layers": 2},
 }
@@ -106,9 +118,9 @@ def _shrunk(config_class: Any, overrides: Dict[str, Any]) -> Any:
         sizes["mamba_d_ssm"] = FAMILY_SIZES["mamba_n_heads"] * FAMILY_SIZES["mamba_d_head"]
     for key, value in vars(defaults).items():  # the text, vision, audio parts of a composite model
         if hasattr(value, "to_dict") and hasattr(type(value), "model_type"):
-            sizes[key] = _shrunk(type(value), {})
+            sizes[key] = _shrunk(type(value), FAMILY_OVERRIDES.get(type(value).model_type, {}))
     sizes.update(overrides)
-    if _mrope(config_class):
+    if _mrope(config_class) and "rope_parameters" not in overrides:
         rope = dict(values.get("rope_parameters") or {})
         head_dim = sizes.get("head_dim", TINY["hidden_size"] // TINY["num_attention_heads"])
         sizes["rope_parameters"] = dict(rope, mrope_section=_mrope_sections(rope, head_dim))
@@ -239,18 +251,19 @@ ROPE_FUNCTIONS = ("apply_rotary_pos_emb", "apply_rotary_pos_emb_interleave")
 
 
 def _rounded_once(original: Any) -> Any:
-    # Pairs (q, k, cos, sin, ...), or one tensor: (x, cos, sin, ...) as Gemma 3n's and Gemma 4's,
-    # (tensor, sin, cos) as GPT-J's.
-    rotated = 1 if next(iter(inspect.signature(original).parameters)) in ("x", "tensor") else 2
+    # Pairs (q, k, cos, sin, ...) or one tensor: (x, cos, sin, ...) as Gemma 3n's and Gemma 4's,
+    # (tensor, sin, cos) as GPT-J's, q alone as Qwen4-Exp's indexer calls its function. Every
+    # floating-point argument (the tensors and their tables) is widened.
+    def wide(a: Any) -> Any:
+        return a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
 
     def rounded_once(*args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
             out = original(*args, **kwargs)
-        dtypes = [t.dtype for t in (out if rotated == 2 else (out,))]
-        wide = original(*(a.float() if i < rotated + 2 else a for i, a in enumerate(args)), **kwargs)
-        if rotated == 1:
-            return wide.to(dtypes[0])
-        return tuple(t.to(dtype) for t, dtype in zip(wide, dtypes))
+        result = original(*(wide(a) for a in args), **{name: wide(a) for name, a in kwargs.items()})
+        if isinstance(out, torch.Tensor):
+            return result.to(out.dtype)
+        return tuple(t.to(o.dtype) for t, o in zip(result, out))
     return rounded_once
 
 

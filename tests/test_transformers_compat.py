@@ -582,6 +582,43 @@ def test_class_and_register_tokens_pass_through_as_in_dinov3(device: str, dtype:
         sys.modules.pop(suffix_module.__name__, None)
 
 
+def k_optional_copy(q: torch.Tensor, k: Any = None, cos: Any = None, sin: Any = None, unsqueeze_dim: int = 1) -> Any:
+    # Qwen4-Exp's: without k, q alone rotated and returned.
+    if k is None:
+        return one_tensor_copy(q, cos, sin, unsqueeze_dim)
+    return llama_copy(q, k, cos, sin, unsqueeze_dim)
+
+
+def test_a_function_whose_k_may_be_left_out_is_patched_for_both_calls() -> None:
+    # Qwen4-Exp's apply_rotary_pos_emb(q, k=None, cos=None, sin=None, unsqueeze_dim=1) rotates q
+    # alone where its sparse-attention indexer leaves k out: proven and served in both calls (the
+    # op once each); a default of k other than None is not a signature the patch takes.
+    module = _fake_modeling_module("ropetest_k_optional", k_optional_copy)
+    other = _fake_modeling_module("ropetest_k_default", lambda q, k=0, cos=None, sin=None, unsqueeze_dim=1: q)
+    try:
+        q, k = torch.randn(2, 4, 6, 16), torch.randn(2, 2, 6, 16)
+        angles = torch.rand(2, 6, 8) * 6
+        cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+        with rope_kernels.patch_transformers(module):
+            for call, expected in ((lambda f: f(q, cos=cos, sin=sin), k_optional_copy(q, cos=cos, sin=sin)),
+                                   (lambda f: f(q.transpose(1, 2), cos=cos, sin=sin, unsqueeze_dim=2),
+                                    k_optional_copy(q.transpose(1, 2), cos=cos, sin=sin, unsqueeze_dim=2)),
+                                   (lambda f: f(q, k, cos, sin), k_optional_copy(q, k, cos, sin))):
+                counter = OpCounter()
+                with counter:
+                    got = call(module.apply_rotary_pos_emb)
+                assert counter.calls.count(torch.ops.rope.fused_qk.default) == 1
+                for a, b in zip((got,) if isinstance(got, torch.Tensor) else got,
+                                (expected,) if isinstance(expected, torch.Tensor) else expected):
+                    torch.testing.assert_close(a, b)
+        assert module.apply_rotary_pos_emb is k_optional_copy
+        with pytest.raises(ValueError, match=r"does not have transformers' signature"):
+            rope_kernels.patch_transformers(other)
+    finally:
+        sys.modules.pop(module.__name__, None)
+        sys.modules.pop(other.__name__, None)
+
+
 def test_inputs_the_op_does_not_serve_go_to_the_modules_own_function() -> None:
     # A patched module falls back to the function it replaced, not to a formula of its own.
     calls: List[str] = []

@@ -349,6 +349,9 @@ class _Signature:
     # CLVP's (q, k, v, cos, sin, position_ids, unsqueeze_dim): v rotated as k, by a (max_seq, D)
     # table at position_ids.
     value_too: bool = False
+    # Qwen4-Exp's (q, k=None, cos=None, sin=None, unsqueeze_dim=1): without k, q alone rotated and
+    # returned (its sparse-attention indexer's call).
+    k_optional: bool = False
 
     @property
     def arguments_note(self) -> str:
@@ -379,6 +382,13 @@ def _parameters(original: Any) -> Optional[Tuple[str, ...]]:
         return None
     names = tuple(parameters)
     if names not in _SIGNATURES:
+        return None
+    # Defaults beyond unsqueeze_dim and position_ids: only k, cos and sin of None, and only in
+    # transformers' 5.x form (Qwen4-Exp's: k may be left out).
+    defaults = {name: p.default for name, p in parameters.items()
+                if p.default is not inspect.Parameter.empty and name not in ("unsqueeze_dim", "position_ids")}
+    if defaults and (names != ("q", "k", "cos", "sin", "unsqueeze_dim") or any(v is not None for v in defaults.values())
+                     or "k" not in defaults):
         return None
     if "unsqueeze_dim" in parameters and parameters["unsqueeze_dim"].default != 1:
         return None
@@ -462,6 +472,15 @@ def _with_k_as_v(rotates_v: Callable[..., Any]) -> Callable[..., Any]:
              unsqueeze_dim: int = 1) -> Any:
         q_out, k_out, v_out = rotates_v(q, k, k, cos, sin, position_ids, unsqueeze_dim)
         return q_out, k_out + v_out
+    return pair
+
+
+def _with_q_alone(k_optional: Callable[..., Any]) -> Callable[..., Any]:
+    """Qwen4-Exp's (q, k=None, cos=None, sin=None, unsqueeze_dim=1) as the form the proof calls:
+    q rotated by a call without k, k by a call with both, so that the results and gradients
+    compared hold both forms of call."""
+    def pair(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1) -> Any:
+        return k_optional(q, cos=cos, sin=sin, unsqueeze_dim=unsqueeze_dim), k_optional(q, k, cos, sin, unsqueeze_dim)[1]
     return pair
 
 
@@ -549,7 +568,11 @@ def _prove(original: Any, function: str = _FUNCTION
                             "(q, k, cos, sin), DINOv3's (q, k, cos, sin, **kwargs), or a one-tensor one: "
                             "(x, cos, sin, unsqueeze_dim=1) or GPT-J's (tensor, sin, cos)")
     problems = []
-    for signature in _SIGNATURES[names]:
+    signatures = _SIGNATURES[names]
+    if inspect.signature(original.forward if isinstance(original, torch.nn.Module) else original
+                         ).parameters[names[1]].default is None:
+        signatures = tuple(dataclasses.replace(signature, k_optional=True) for signature in signatures)
+    for signature in signatures:
         # (Where a vision function may take (S, H, D) or (B, S, H, D) patches, the reasons say which.)
         form = "" if not signature.one_sequence else " on (B, S, H, D) patches" if signature.batch_of_sequences \
             else " on (S, H, D) patches"
@@ -583,6 +606,8 @@ def _as_called(function: Callable[..., Any], signature: _Signature) -> Callable[
         return _as_per_image(function)
     if signature.value_too:
         return _with_k_as_v(function)
+    if signature.k_optional:
+        return _with_q_alone(function)
     if signature.one_tensor:
         return _as_pair(function)
     return function
@@ -819,6 +844,15 @@ def _replacement(original: Any, convention: _Convention, signature: _Signature,
             fused = fused_pos_emb(q, k, cos, sin, position_ids, unsqueeze_dim, keep_dtype)
             return original(q, k, cos, sin, position_ids, unsqueeze_dim) if fused is None else fused
         chosen = replacement_4x
+    elif signature.k_optional:
+        def replacement_k_optional(q: torch.Tensor, k: Optional[torch.Tensor] = None, cos: Optional[torch.Tensor] = None,
+                                   sin: Optional[torch.Tensor] = None, unsqueeze_dim: int = 1) -> Any:
+            fused: Any = None
+            if cos is not None and sin is not None:
+                fused = (fused_one(q, cos, sin, unsqueeze_dim, keep_dtype) if k is None
+                         else fused_pos_emb(q, k, cos, sin, None, unsqueeze_dim, keep_dtype))
+            return original(q, k, cos, sin, unsqueeze_dim) if fused is None else fused
+        chosen = replacement_k_optional
     else:
         def replacement(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         unsqueeze_dim: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
