@@ -100,6 +100,13 @@ FAMILY_OVERRIDES: Dict[str, Dict[str, Any]] = {
                              # its mRoPE sections of height and width stack: equal (3 + 3 + 2 pairs)
                              "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0,
                                                  "mrope_section": [3, 3, 2]}},
+    # Zamba2: a Mamba layer and a hybrid one (with the shared attention block), by the setting's own
+    # name (through its alias layer_types, hybrid_layer_ids stay the defaults'), and its attention's
+    # RoPE on (use_mem_rope, off by default).
+    "zamba2": {"layers_block_type": ["mamba", "hybrid"], "num_hidden_layers": 2, "use_mem_rope": True},
+    # Cohere Compass: RoPE parameters per layer kind, mRoPE sections of height and width equal.
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0,
+                                                                   "mrope_section": [3, 3, 2]}}},
     # Qwen4-Exp: its sparse-attention token indexer (unset by default) on the full-attention layers.
     "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
                        "indexer_compress_ratio": 4},

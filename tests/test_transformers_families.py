@@ -31,8 +31,6 @@ from rope_env import requires_cuda
 # Families whose tiny model the generic config (hf_tiny_models.tiny_config) cannot build yet, and
 # why: each fails strictly (xfail(strict=True)), so a fix shows up as a failure to remove it here.
 NO_TINY_MODEL_YET: Dict[str, str] = {
-    "cohere_compass_text": "its rotary embedding takes one rope_parameters entry per layer kind",
-    "zamba2": "its shared blocks follow hybrid_layer_ids, which the tiny layer count does not match",
 }
 
 
