@@ -104,6 +104,14 @@ FAMILY_OVERRIDES: Dict[str, Dict[str, Any]] = {
     # name (through its alias layer_types, hybrid_layer_ids stay the defaults'), and its attention's
     # RoPE on (use_mem_rope, off by default).
     "zamba2": {"layers_block_type": ["mamba", "hybrid"], "num_hidden_layers": 2, "use_mem_rope": True},
+    # PaddleOCR-VL: mRoPE sections for its tiny head (its text config names none, its code defaults
+    # to a full-size head's).
+    "paddleocr_vl_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0,
+                                              "mrope_section": [2, 3, 3]}},
+    # DeepSeek-OCR 2: its text model's MLP kind per layer (unset by default), one dense, one MoE.
+    "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse"]},
+    # Chameleon: its vocabulary map, the image token at the last id.
+    "chameleon": {"vocabulary_map": {"<image>": TINY["vocab_size"] - 1}},
     # Cohere Compass: RoPE parameters per layer kind, mRoPE sections of height and width equal.
     "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0,
                                                                    "mrope_section": [3, 3, 2]}}},

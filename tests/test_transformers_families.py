@@ -37,14 +37,11 @@ NO_TINY_MODEL_YET: Dict[str, str] = {
 # Families without a causal LM whose tiny model of TEXT_MODEL_KINDS does not build or run on
 # token ids alone yet, and why (strict, as above).
 NO_TINY_TEXT_MODEL_YET: Dict[str, str] = {
-    "chameleon": "its tiny config leaves the VQ model's settings unset",
-    "deepseek_ocr2": "its tiny config leaves the vision encoder's settings unset",
     "diffusion_gemma": "its config has no text model class the auto classes know",
     "evolla": "its config has no model class the auto classes know",
     "granite4_vision": "its text model reads attention_multiplier, which the tiny Llama config lacks",
     "idefics": "it takes no forward without images",
     "kyutai_speech_to_text": "its audio token ids lie outside the tiny vocabulary",
-    "paddleocr_vl": "its mRoPE sections are not read from the config's rope_parameters",
     "voxtral_realtime": "it takes no forward without audio",
 }
 
