@@ -6,8 +6,9 @@
 #   PYTHON=/path/to/python .ci/gpu_tests.sh [PYTEST ARGS...]    (default: tests; rope_kernels built)
 #   WORKERS=16 LOG=gpu-tests.log .ci/gpu_tests.sh -k cuda tests/test_transformers_families.py
 #
-# Each worker's torch takes its share of the cores (tests/conftest.py), and tests go to workers one
-# by one (--dist load), not file by file: the family tests are one large file.
+# Needs pytest-xdist beside pytest. Each worker's torch takes its share of the cores
+# (tests/conftest.py), and tests go to workers one by one (--dist load), not file by file: the
+# family tests are one large file.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -19,6 +20,10 @@ if compgen -G "python/rope_kernels/_ops*.so" > /dev/null; then
 fi
 "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
   echo "error: torch sees no GPU here; the CUDA tests would all skip" >&2
+  exit 2
+}
+"$PYTHON" -c "import xdist" 2> /dev/null || {
+  echo "error: pytest-xdist is not installed for $PYTHON" >&2
   exit 2
 }
 args=("$@")
