@@ -17,7 +17,7 @@ import contextlib
 import importlib
 import inspect
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
 import torch
@@ -124,6 +124,27 @@ DEVICE_DTYPES = [
 pytestmark = pytest.mark.usefixtures("unpatched_transformers")
 
 
+def _assert_step_matches(patched: Any, unpatched: Any, reference: Any, what: str, dtype: torch.dtype) -> None:
+    """A step's (output, parameter gradients) with the model patched against those without and
+    those of a float32 run (hf_tiny_models.assert_matches_unpatched)."""
+    (patched_output, patched_grads), (output, grads), (reference_output, reference_grads) = patched, unpatched, reference
+    assert_matches_unpatched(patched_output, output, reference_output, what, dtype)
+    assert patched_grads.keys() == grads.keys() and len(grads) > 0
+    for name in grads:
+        assert_matches_unpatched(patched_grads[name], grads[name], reference_grads[name], f"grad of {name}", dtype)
+
+
+def _assert_the_op_runs_when_patched(model: torch.nn.Module, step: Callable[[], Any]) -> None:
+    """No rope:: call in a step of the model unpatched, one or more patched."""
+    counts = []
+    for patch in (False, True):
+        counter = OpCounter()
+        with rope_kernels.patch_transformers(model) if patch else contextlib.nullcontext(), counter:
+            step()
+        counts.append(sum(1 for op in counter.calls if op.namespace == "rope"))
+    assert counts[0] == 0 and counts[1] >= 1, counts
+
+
 def test_the_families_are_found() -> None:
     # The families the patch served by a hand list before it found them, among many more.
     found = {param.values[0] for param in FAMILIES}
@@ -147,10 +168,8 @@ def test_training_step_matches_transformers(model_type: str, device: str, dtype:
     reference_logits, reference_grads = (training_step(float32_twin(model, model_type), ids, mask, None)
                                          if dtype != torch.float32 else (logits, grads))
     real = mask.bool()
-    assert_matches_unpatched(patched_logits[real], logits[real], reference_logits[real], "logits", dtype)
-    assert patched_grads.keys() == grads.keys() and len(grads) > 0
-    for name in grads:
-        assert_matches_unpatched(patched_grads[name], grads[name], reference_grads[name], f"grad of {name}", dtype)
+    _assert_step_matches((patched_logits[real], patched_grads), (logits[real], grads),
+                         (reference_logits[real], reference_grads), "logits", dtype)
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -162,13 +181,8 @@ def test_generate_with_left_padding_gives_the_same_tokens(model_type: str) -> No
 def test_patched_attention_runs_the_fused_op(model_type: str) -> None:
     model = tiny_family_model(model_type, "cpu", torch.float32)
     ids, mask = padded_batch("cpu")
-    counts = []
-    for patch in (False, True):
-        counter = OpCounter()
-        with rope_kernels.patch_transformers(model) if patch else contextlib.nullcontext(), counter, torch.no_grad():
-            model(input_ids=ids, attention_mask=mask)
-        counts.append(sum(1 for op in counter.calls if op.namespace == "rope"))
-    assert counts[0] == 0 and counts[1] >= 1, counts
+    with torch.no_grad():
+        _assert_the_op_runs_when_patched(model, lambda: model(input_ids=ids, attention_mask=mask))
 
 
 @pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
@@ -180,28 +194,18 @@ def test_text_model_matches_transformers(model_type: str, kind: str, device: str
     ids, mask = padded_batch(device, side="right")
     baseline = contextlib.nullcontext() if dtype == torch.float32 else rope_rounded_once(type(model).__module__)
     with baseline:
-        output, grads = text_step(model, ids, mask)
+        unpatched = text_step(model, ids, mask)
     with rope_kernels.patch_transformers(model):
-        patched_output, patched_grads = text_step(model, ids, mask)
-    reference_output, reference_grads = (text_step(float32_twin(model, model_type, kind), ids, mask)
-                                         if dtype != torch.float32 else (output, grads))
-    assert_matches_unpatched(patched_output, output, reference_output, "output", dtype)
-    assert patched_grads.keys() == grads.keys() and len(grads) > 0
-    for name in grads:
-        assert_matches_unpatched(patched_grads[name], grads[name], reference_grads[name], f"grad of {name}", dtype)
+        patched = text_step(model, ids, mask)
+    reference = text_step(float32_twin(model, model_type, kind), ids, mask) if dtype != torch.float32 else unpatched
+    _assert_step_matches(patched, unpatched, reference, "output", dtype)
 
 
 @pytest.mark.parametrize(("model_type", "kind"), TEXT_FAMILIES)
 def test_patched_text_model_runs_the_fused_op(model_type: str, kind: str) -> None:
     model = tiny_family_model(model_type, "cpu", torch.float32, kind)
     ids, mask = padded_batch("cpu", side="right")
-    counts = []
-    for patch in (False, True):
-        counter = OpCounter()
-        with rope_kernels.patch_transformers(model) if patch else contextlib.nullcontext(), counter:
-            text_step(model, ids, mask)
-        counts.append(sum(1 for op in counter.calls if op.namespace == "rope"))
-    assert counts[0] == 0 and counts[1] >= 1, counts
+    _assert_the_op_runs_when_patched(model, lambda: text_step(model, ids, mask))
 
 
 @contextlib.contextmanager
@@ -267,32 +271,22 @@ def test_image_model_matches_transformers(model_type: str, class_name: str, devi
     pixels = image_batch(model)
     baseline = contextlib.nullcontext() if dtype == torch.float32 else rope_rounded_once(type(model).__module__)
     with baseline:
-        output, grads = image_step(model, pixels)
+        unpatched = image_step(model, pixels)
     with rope_kernels.patch_transformers(model):
-        patched_output, patched_grads = image_step(model, pixels)
-    if dtype == torch.float32:
-        reference_output, reference_grads = output, grads
-    else:
+        patched = image_step(model, pixels)
+    reference = unpatched
+    if dtype != torch.float32:
         twin = tiny_image_model(model_type, class_name, device, torch.float32)
         twin.load_state_dict(model.state_dict())
-        reference_output, reference_grads = image_step(twin, pixels.float())
-    assert_matches_unpatched(patched_output, output, reference_output, "output", dtype)
-    assert patched_grads.keys() == grads.keys() and len(grads) > 0
-    for name in grads:
-        assert_matches_unpatched(patched_grads[name], grads[name], reference_grads[name], f"grad of {name}", dtype)
+        reference = image_step(twin, pixels.float())
+    _assert_step_matches(patched, unpatched, reference, "output", dtype)
 
 
 @pytest.mark.parametrize(("model_type", "class_name"), IMAGE_FAMILIES)
 def test_patched_image_model_runs_the_fused_op(model_type: str, class_name: str) -> None:
     model = tiny_image_model(model_type, class_name, "cpu", torch.float32)
     pixels = image_batch(model)
-    counts = []
-    for patch in (False, True):
-        counter = OpCounter()
-        with rope_kernels.patch_transformers(model) if patch else contextlib.nullcontext(), counter:
-            image_step(model, pixels)
-        counts.append(sum(1 for op in counter.calls if op.namespace == "rope"))
-    assert counts[0] == 0 and counts[1] >= 1, counts
+    _assert_the_op_runs_when_patched(model, lambda: image_step(model, pixels))
 
 
 @pytest.mark.parametrize(("model_type", "class_name"), IMAGE_FAMILIES)
