@@ -262,12 +262,13 @@ def main() -> None:
           f"torch {torch.__version__}, transformers {transformers.__version__}, rope_kernels {rope_kernels.__version__}")
     print(f"models: {', '.join(families)}; {s.layers} layers, hidden {s.hidden}, heads {s.heads}/{s.kv_heads}, "
           f"head_dim {s.hidden // s.heads}, MLP {s.intermediate}, vocab {s.vocab}, {args.dtype}")
-    rows = [row for family in families for row in family_rows(family, s, args, timer)]
     print()
     print("| family | measurement | transformers | patched (rope_kernels) | gain |")
     print("|---|---|---:|---:|---:|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    # Each family's rows as soon as they are measured: a run cut short keeps what it measured.
+    for family in families:
+        for row in family_rows(family, s, args, timer):
+            print("| " + " | ".join(row) + " |", flush=True)
 
 
 if __name__ == "__main__":
