@@ -204,7 +204,9 @@ def float32_twin(model: torch.nn.Module, model_type: str, kind: str = "CAUSAL_LM
 
 # The model classes that take token ids alone, for the families without a causal LM (encoders,
 # encoder-decoders, and vision-language models run on text), in the order they are tried: the
-# name of transformers' mapping (MODEL_FOR_<kind>_MAPPING_NAMES) and its auto class.
+# name of transformers' mapping (MODEL_FOR_<kind>_MAPPING_NAMES; MODEL_MAPPING_NAMES for "MODEL")
+# and its auto class. Last, a base model whose forward takes token ids (a text-only one first: a
+# speech or video model's text part).
 TEXT_MODEL_KINDS: Dict[str, str] = {
     "MASKED_LM": "AutoModelForMaskedLM",
     "TOKEN_CLASSIFICATION": "AutoModelForTokenClassification",
@@ -212,6 +214,7 @@ TEXT_MODEL_KINDS: Dict[str, str] = {
     "IMAGE_TEXT_TO_TEXT": "AutoModelForImageTextToText",
     "MULTIMODAL_LM": "AutoModelForMultimodalLM",
     "SEQ_TO_SEQ_CAUSAL_LM": "AutoModelForSeq2SeqLM",
+    "MODEL": "AutoModel",
 }
 
 
@@ -220,12 +223,26 @@ def text_model_type(module_name: str) -> Optional[Tuple[str, str]]:
     defines, or None (a model of images, audio or time series alone)."""
     module = importlib.import_module(module_name)
     for kind in TEXT_MODEL_KINDS:
-        mapping = getattr(modeling_auto, f"MODEL_FOR_{kind}_MAPPING_NAMES")
+        mapping = getattr(modeling_auto, "MODEL_MAPPING_NAMES" if kind == "MODEL" else f"MODEL_FOR_{kind}_MAPPING_NAMES")
+        found = []
         for model_type, names in mapping.items():
             for name in names if isinstance(names, (list, tuple)) else [names]:
-                if getattr(getattr(module, name, None), "__module__", None) == module_name:
-                    return model_type, kind
+                cls = getattr(module, name, None)
+                if getattr(cls, "__module__", None) != module_name:
+                    continue
+                if kind != "MODEL" or _takes_token_ids_alone(cls):
+                    found.append(model_type)
+        if found:
+            return sorted(found, key=lambda t: not t.endswith("_text"))[0] if kind == "MODEL" else found[0], kind
     return None
+
+
+def _takes_token_ids_alone(cls: Any) -> bool:
+    """Whether a model class's forward takes input_ids and needs nothing else."""
+    parameters = inspect.signature(cls.forward).parameters
+    required = [name for name, p in parameters.items() if name != "self" and p.default is inspect.Parameter.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return "input_ids" in parameters and required in ([], ["input_ids"])
 
 
 def text_step(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
