@@ -19,7 +19,11 @@ interleaved pairs on tables holding each angle at both features of its pair (Coh
 pairs turned by the negated angle (NanoChat, served by the op's gradient ``fused_qk_backward``);
 a one-tensor function, ``(x, cos, sin, unsqueeze_dim)`` (Gemma 3n, Gemma 4) or GPT-J's and
 CodeGen's ``(tensor, sin, cos)``, is proven on q and k through two calls and served by
-``rope::fused`` in the same conventions.
+``rope::fused`` in the same conventions. The signatures of a few families' own are proven in the
+forms they call them in (``_SIGNATURES``): the vision towers' ``(q, k, cos, sin)`` on (S, H, D)
+patches or (B, S, H, D) batches, DINOv3's ``(q, k, cos, sin, **kwargs)`` with class and register
+tokens left unrotated, CLVP's ``(q, k, v, cos, sin, position_ids, unsqueeze_dim)`` and
+Qwen4-Exp's ``(q, k=None, cos=None, sin=None, unsqueeze_dim=1)``.
 A module whose function computes something else (another convention, tables of another form) is
 left alone, and the reason is reported (``TransformersPatch.report``,
 ``patch_transformers(dry_run=True)``).
@@ -373,12 +377,24 @@ _SIGNATURES = {("q", "k", "cos", "sin", "unsqueeze_dim"): (_Signature(False, Fal
                    (_Signature(False, True, value_too=True),)}
 
 
-def _parameters(original: Any) -> Optional[Tuple[str, ...]]:
+def _signature_parameters(original: Any) -> Optional[Any]:
     # A Kernel Hub hook is an nn.Module whose forward carries the function's signature.
     target = original.forward if isinstance(original, torch.nn.Module) else original
     try:
-        parameters = inspect.signature(target).parameters
+        return inspect.signature(target).parameters
     except (TypeError, ValueError):
+        return None
+
+
+def _k_may_be_left_out(original: Any) -> bool:
+    """Whether the function's k defaults to None (Qwen4-Exp's: q alone rotated without it)."""
+    parameters = _signature_parameters(original)
+    return parameters is not None and "k" in parameters and parameters["k"].default is None
+
+
+def _parameters(original: Any) -> Optional[Tuple[str, ...]]:
+    parameters = _signature_parameters(original)
+    if parameters is None:
         return None
     names = tuple(parameters)
     if names not in _SIGNATURES:
@@ -565,12 +581,12 @@ def _prove(original: Any, function: str = _FUNCTION
     if names is None:
         return None, None, None, (f"its {function} does not have transformers' signature "
                             "(q, k, cos, sin[, position_ids=None], unsqueeze_dim=1), a vision tower's "
-                            "(q, k, cos, sin), DINOv3's (q, k, cos, sin, **kwargs), or a one-tensor one: "
-                            "(x, cos, sin, unsqueeze_dim=1) or GPT-J's (tensor, sin, cos)")
+                            "(q, k, cos, sin), DINOv3's (q, k, cos, sin, **kwargs), CLVP's (q, k, v, cos, "
+                            "sin, position_ids, unsqueeze_dim=1), or a one-tensor one: (x, cos, sin, "
+                            "unsqueeze_dim=1) or GPT-J's (tensor, sin, cos)")
     problems = []
     signatures = _SIGNATURES[names]
-    if inspect.signature(original.forward if isinstance(original, torch.nn.Module) else original
-                         ).parameters[names[1]].default is None:
+    if _k_may_be_left_out(original):
         signatures = tuple(dataclasses.replace(signature, k_optional=True) for signature in signatures)
     for signature in signatures:
         # (Where a vision function may take (S, H, D) or (B, S, H, D) patches, the reasons say which.)
