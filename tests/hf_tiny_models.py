@@ -220,7 +220,8 @@ TEXT_MODEL_KINDS: Dict[str, str] = {
 
 def text_model_type(module_name: str) -> Optional[Tuple[str, str]]:
     """(model type, kind) of the first class of TEXT_MODEL_KINDS that the modeling module
-    defines, or None (a model of images, audio or time series alone)."""
+    defines and whose forward needs nothing but token ids, or None (a model of images, audio or
+    time series alone)."""
     module = importlib.import_module(module_name)
     for kind in TEXT_MODEL_KINDS:
         mapping = getattr(modeling_auto, "MODEL_MAPPING_NAMES" if kind == "MODEL" else f"MODEL_FOR_{kind}_MAPPING_NAMES")
@@ -230,7 +231,7 @@ def text_model_type(module_name: str) -> Optional[Tuple[str, str]]:
                 cls = getattr(module, name, None)
                 if getattr(cls, "__module__", None) != module_name:
                     continue
-                if kind != "MODEL" or _takes_token_ids_alone(cls):
+                if _takes_token_ids_alone(cls):
                     found.append(model_type)
         if found:
             return sorted(found, key=lambda t: not t.endswith("_text"))[0] if kind == "MODEL" else found[0], kind
