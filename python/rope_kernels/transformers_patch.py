@@ -692,6 +692,14 @@ def _angles(rows: int, width: int, generator: torch.Generator, dtype: torch.dtyp
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+# The proof's calls: batch, q heads, k heads, tokens, head_dim.
+_PROOF_SHAPE = (2, 3, 1, 5, 8)
+
+
+def _normal(generator: torch.Generator, *shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+
+
 def _proof_cases(signature: _Signature) -> Dict[str, _Case]:
     """Small random calls in each form transformers' models make, float64 (exact) but one, and
     the forms of the signature's own."""
@@ -699,10 +707,8 @@ def _proof_cases(signature: _Signature) -> Dict[str, _Case]:
     if signature.value_too:
         return _table_proof_cases()
     g = torch.Generator().manual_seed(0)
-    batch, heads_q, heads_k, seq, head_dim = 2, 3, 1, 5, 8
-
-    def normal(*shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    batch, heads_q, heads_k, seq, head_dim = _PROOF_SHAPE
+    normal = functools.partial(_normal, g)
 
     def per_token(rows: int, width: int, dtype: torch.dtype = torch.float64) -> Tuple[torch.Tensor, torch.Tensor]:
         cos, sin = _angles(rows * seq, width, g, dtype)
@@ -749,10 +755,9 @@ def _table_proof_cases() -> Dict[str, _Case]:
     """The cases of a function that always reads a (max_seq, D) table at position_ids (CLVP's):
     float64, bfloat16 q with a float32 table, (B, S, H, D) tensors, a rotated width below head_dim."""
     g = torch.Generator().manual_seed(0)
-    batch, heads_q, heads_k, seq, head_dim, rows = 2, 3, 1, 5, 8, 8
-
-    def normal(*shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    batch, heads_q, heads_k, seq, head_dim = _PROOF_SHAPE
+    rows = seq + 3
+    normal = functools.partial(_normal, g)
 
     def table_case(width: int, dtype: torch.dtype, angles_dtype: torch.dtype, unsqueeze_dim: int,
                    optional: bool) -> _Case:
