@@ -21,8 +21,7 @@ if _TESTS_DIR not in sys.path:
 def _share_the_cores_between_workers() -> None:
     """Under pytest-xdist, each worker's torch gets its share of the cores for its CPU threads
     (unless OMP_NUM_THREADS says otherwise): N workers each with torch's default of a thread per
-    core oversubscribe the machine N times, and the CPU tests of every worker then crawl (16
-    threads in each of 2 workers on 2 cores: 2.5x the time of one thread each)."""
+    core oversubscribe the machine N times, and the CPU tests of every worker then crawl."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
